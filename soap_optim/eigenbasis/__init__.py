@@ -1,0 +1,21 @@
+"""The shared eigenbasis core: pure functions used by SOAP and the rest of the family."""
+from .bases import initial_basis, refreshed_basis
+from .factors import mode_gram, update_factors_, zero_factors
+from .moments import refresh_bases_
+from .plan import DATA_FORMATS, Plan, make_plan, merge_shape
+from .projection import project, project_back
+
+__all__ = [
+    "DATA_FORMATS",
+    "Plan",
+    "initial_basis",
+    "make_plan",
+    "merge_shape",
+    "mode_gram",
+    "project",
+    "project_back",
+    "refresh_bases_",
+    "refreshed_basis",
+    "update_factors_",
+    "zero_factors",
+]

@@ -1,0 +1,76 @@
+"""Eigenbases of the Kronecker factors: the first one by eigh, later ones by one step of
+power iteration followed by QR, with numerical fallbacks.
+
+First basis:  eigh(F + 1e-30 I), columns reversed so that eigenvalues descend.
+Refresh:      est = diag(O^T F O); order = argsort(est, descending);
+              Q = QR(F O[:, order]).Q          (O is the current basis)
+
+The refresh also returns ``order`` because moments kept in the eigenbasis must be permuted
+along with the columns. Nothing non-finite ever reaches eigh/QR: a factor with NaN/Inf, or a
+decomposition that fails even in float64, keeps the previous basis (the identity for a first
+basis) and warns once.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+# The jitter only matters for an exactly zero factor, where eigh then returns the identity.
+_EIGH_JITTER = 1e-30
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _eigh(matrix: torch.Tensor) -> Optional[torch.Tensor]:
+    """Eigenvectors (ascending eigenvalues) of a symmetric matrix, retried in float64; None on failure."""
+    jitter = _EIGH_JITTER * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    try:
+        return torch.linalg.eigh(matrix + jitter)[1]
+    except Exception:  # torch raises torch.linalg.LinAlgError, backends differ
+        pass
+    try:
+        return torch.linalg.eigh(matrix.double() + jitter.double())[1].to(matrix.dtype)
+    except Exception:
+        return None
+
+
+def initial_basis(factor: torch.Tensor) -> torch.Tensor:
+    """Orthonormal eigenvectors of ``factor``, eigenvalues in descending order."""
+    identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    if not bool(torch.isfinite(factor).all()):
+        _warn_once("soap_optim: a Kronecker factor is not finite; using the identity basis")
+        return identity
+    vectors = _eigh(factor)
+    if vectors is None or not bool(torch.isfinite(vectors).all()):
+        _warn_once("soap_optim: eigh failed even in float64; using the identity basis")
+        return identity
+    return vectors.flip(1)
+
+
+def refreshed_basis(factor: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """One power-iteration + QR step from ``basis``: returns (new basis, column order) or None.
+
+    None means the refresh was not possible (non-finite factor or failed QR): keep ``basis``.
+    """
+    if not bool(torch.isfinite(factor).all()):
+        _warn_once("soap_optim: a Kronecker factor is not finite; keeping the previous basis")
+        return None
+    # One product serves both the eigenvalue estimates diag(O^T F O) and the power iteration F O.
+    factor_basis = factor @ basis
+    estimated = (basis * factor_basis).sum(dim=0)
+    order = torch.argsort(estimated, descending=True)
+    try:
+        new_basis = torch.linalg.qr(factor_basis[:, order])[0]
+    except Exception:
+        new_basis = None
+    if new_basis is None or not bool(torch.isfinite(new_basis).all()):
+        _warn_once("soap_optim: QR refresh failed; keeping the previous basis")
+        return None
+    return new_basis, order

@@ -1,0 +1,41 @@
+"""Rotations into and out of an eigenbasis.
+
+For a tensor X in the merged layout and one basis Q_k (or None) per axis:
+
+    project(X)      = X x_1 Q_1^T x_2 Q_2^T ...   (a matrix: Q_L^T X Q_R)
+    project_back(X) = X x_1 Q_1   x_2 Q_2   ...   (a matrix: Q_L X Q_R^T)
+
+Axes without a basis are left as they are. With orthonormal bases the two are inverses.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+Bases = Sequence[Optional[torch.Tensor]]
+
+
+def _mode_product(x: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
+    """Y with Y[..., j, ...] = sum_i X[..., i, ...] * matrix[i, j] along ``axis``."""
+    if axis == x.dim() - 1:
+        return x @ matrix
+    if axis == 0 and x.dim() == 2:
+        return matrix.T @ x
+    return (x.movedim(axis, -1) @ matrix).movedim(-1, axis)
+
+
+def project(x: torch.Tensor, bases: Bases) -> torch.Tensor:
+    """Rotate ``x`` into the eigenbasis: multiply axis k by Q_k^T."""
+    for axis, basis in enumerate(bases):
+        if basis is not None:
+            x = _mode_product(x, basis, axis)
+    return x
+
+
+def project_back(x: torch.Tensor, bases: Bases) -> torch.Tensor:
+    """Rotate ``x`` out of the eigenbasis: multiply axis k by Q_k."""
+    for axis, basis in enumerate(bases):
+        if basis is not None:
+            x = _mode_product(x, basis.T, axis)
+    return x

@@ -1,0 +1,188 @@
+"""The base every soap_optim optimizer shares.
+
+It owns what is the same for the whole family:
+
+* ``step(closure)``: the closure runs with grad enabled; every gradient is checked (sparse,
+  complex, non-finite) *before* any parameter or state is touched; then each group is stepped.
+* argument validation per param group (also for ``add_param_group``), rolled back on error;
+* ``load_state_dict``: shapes are checked against the parameters before anything is loaded, and
+  optimizer state keeps its own precision (float32, float64 for float64 parameters) instead of
+  being cast to the parameter's dtype as torch.optim would do for bf16/fp16 parameters.
+
+Subclasses implement ``_validate_group``, ``_step_group`` and ``_expected_state_shapes``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+
+from .validation import check_bool
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """dtype of optimizer state for ``param``: float64 for float64 parameters, else float32."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def _describe(group_index: int, param_index: int, param: torch.Tensor) -> str:
+    return f"parameter {param_index} of param group {group_index} (shape {tuple(param.shape)})"
+
+
+def _cast_state(value: Any, *, device, dtype) -> Any:
+    """Copy ``value`` (a tensor, or a list/tuple/dict of them) with floating tensors in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            return value.to(device=device, dtype=dtype, copy=True)
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _cast_state(v, device=device, dtype=dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_state(v, device=device, dtype=dtype) for v in value)
+    return value
+
+
+def _shape_mismatch(value: Any, expected: Any) -> Optional[str]:
+    """None if ``value`` has the ``expected`` structure of shapes, else a description."""
+    if isinstance(expected, list):
+        if not isinstance(value, (list, tuple)) or len(value) != len(expected):
+            return f"expected a list of {len(expected)} entries, got {type(value).__name__}"
+        for index, (v, e) in enumerate(zip(value, expected)):
+            problem = _shape_mismatch(v, e)
+            if problem is not None:
+                return f"entry {index}: {problem}"
+        return None
+    if expected is None:
+        return None if value is None else f"expected None, got a tensor of shape {tuple(value.shape)}"
+    if not isinstance(value, torch.Tensor):
+        return f"expected a tensor of shape {tuple(expected)}, got {type(value).__name__}"
+    if tuple(value.shape) != tuple(expected):
+        return f"expected shape {tuple(expected)}, got {tuple(value.shape)}"
+    return None
+
+
+class SoapOptimizerBase(torch.optim.Optimizer):
+    """Shared machinery; not an optimizer by itself."""
+
+    def __init__(self, params, defaults: Dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- param groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for param in group["params"]:
+                if param.is_complex():
+                    raise ValueError(
+                        f"{type(self).__name__} does not support complex parameters "
+                        f"(got one of shape {tuple(param.shape)}); use torch.view_as_real"
+                    )
+                if not param.is_floating_point():
+                    raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {param.dtype}")
+            check_bool("maximize", group["maximize"])
+            self._validate_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- step
+    def _check_gradients(self) -> None:
+        """Reject sparse, complex and non-finite gradients before anything is modified."""
+        grads: List[torch.Tensor] = []
+        where: List[str] = []
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise ValueError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"({_describe(group_index, param_index, param)})"
+                    )
+                if grad.is_complex():
+                    raise ValueError(
+                        f"{type(self).__name__} does not support complex gradients "
+                        f"({_describe(group_index, param_index, param)})"
+                    )
+                if grad.shape != param.shape:
+                    raise ValueError(
+                        f"gradient of shape {tuple(grad.shape)} does not match "
+                        f"{_describe(group_index, param_index, param)}"
+                    )
+                if grad.numel():
+                    grads.append(grad)
+                    where.append(_describe(group_index, param_index, param))
+        if not grads:
+            return
+        # The max-abs norm is finite exactly when every entry is (it cannot overflow).
+        peaks = torch._foreach_norm(grads, float("inf"))
+        finite = torch.stack([peak.float().isfinite().cpu() for peak in peaks])
+        if not bool(finite.all()):
+            first_bad = int((~finite).nonzero()[0])
+            raise FloatingPointError(
+                f"non-finite gradient (NaN or Inf) for {where[first_bad]}; the step was not taken and "
+                f"parameters and optimizer state are unchanged"
+            )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_gradients()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- state_dict
+    def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
+        """For each state key: the expected shape, or a list of shapes / None for list entries."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        pairs = []
+        for group_index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {group_index} of the loaded state dict has {len(saved['params'])} "
+                    f"parameters, this optimizer's has {len(group['params'])}"
+                )
+            hyper = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            for param_index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
+                if saved_id not in saved_state:
+                    continue
+                value = saved_state[saved_id]
+                for key, expected in self._expected_state_shapes(param, hyper).items():
+                    problem = _shape_mismatch(value.get(key), expected)
+                    if problem is not None:
+                        raise ValueError(
+                            f"loaded state does not match {_describe(group_index, param_index, param)}: "
+                            f"state[{key!r}]: {problem}"
+                        )
+                pairs.append((param, value))
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating state to the parameter's dtype; keep the state's own precision.
+        for param, value in pairs:
+            restored = {
+                key: (v.clone() if key == "step" and isinstance(v, torch.Tensor)
+                      else _cast_state(v, device=param.device, dtype=state_dtype(param)))
+                for key, v in value.items()
+            }
+            self.state[param] = restored

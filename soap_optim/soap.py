@@ -1,0 +1,221 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., 2024)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Tuple
+
+import torch
+
+from .eigenbasis import (
+    DATA_FORMATS,
+    Plan,
+    initial_basis,
+    make_plan,
+    project,
+    project_back,
+    refresh_bases_,
+    update_factors_,
+    zero_factors,
+)
+from .optimizer import SoapOptimizerBase, state_dtype
+from .validation import (
+    check_betas,
+    check_bool,
+    check_choice,
+    check_lr,
+    check_non_negative,
+    check_positive_int,
+)
+
+
+class SOAP(SoapOptimizerBase):
+    r"""SOAP (ShampoO with Adam in the Preconditioner's eigenbasis).
+
+    For every parameter, with gradient :math:`G` viewed in its merged layout (see ``merge_dims``)
+    and one Kronecker factor :math:`F_k` with eigenbasis :math:`Q_k` per preconditioned axis:
+
+    .. math::
+        \begin{aligned}
+        &\textbf{first step: } F_k \leftarrow (1-\beta_s) C_k(G),\;
+            Q_k \leftarrow \mathrm{eigh}(F_k) \text{ (descending)};\ \theta \text{ unchanged} \\
+        &\textbf{step } t \ge 1: \\
+        &\quad \tilde G = G \times_1 Q_1^\top \times_2 Q_2^\top \cdots \\
+        &\quad m_t = \beta_1 m_{t-1} + (1-\beta_1)\tilde G, \quad
+              v_t = \beta_2 v_{t-1} + (1-\beta_2)\tilde G^2 \\
+        &\quad u = \big(m_t / (\sqrt{v_t} + \epsilon)\big) \times_1 Q_1 \times_2 Q_2 \cdots
+              \quad (\text{optionally } u \leftarrow u / \mathrm{rms}(u)) \\
+        &\quad \theta \leftarrow (1 - \gamma\lambda)\big(\theta - \gamma
+              \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t} u\big) \\
+        &\quad F_k \leftarrow \beta_s F_k + (1-\beta_s) C_k(G) \\
+        &\quad \text{if } t \bmod f = 0:\ Q_k \leftarrow \mathrm{QR}(F_k Q_k[:, \pi_k]),\
+              \pi_k = \mathrm{argsort}\downarrow \mathrm{diag}(Q_k^\top F_k Q_k);\
+              v \text{ permuted by } \pi_k,\ m \text{ rotated into the new basis}
+        \end{aligned}
+
+    where :math:`C_k(G) = G_{(k)} G_{(k)}^\top` is the mode-k Gram matrix, :math:`\gamma` is ``lr``,
+    :math:`\lambda` is ``weight_decay``, :math:`f` is ``precondition_frequency`` and
+    :math:`\beta_s` is ``shampoo_beta`` (``betas[1]`` when negative).
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate; also scales the decoupled weight decay.
+        betas: Adam's (beta1, beta2) for the moments kept in the eigenbasis.
+        shampoo_beta: EMA factor of the Kronecker factors; a negative value means ``betas[1]``.
+        eps: added to :math:`\sqrt{v_t}` before bias correction.
+        weight_decay: decoupled decay, applied to the already-updated weights.
+        precondition_frequency: eigenbasis refresh period (read every step, so it can be scheduled).
+        max_precond_dim: an axis longer than this gets no factor (identity on that axis).
+        merge_dims: merge adjacent axes while their product stays ``<= max_precond_dim``.
+        precondition_1d: give 1-D tensors with ``n <= max_precond_dim`` an n x n factor.
+        normalize_grads: rescale each tensor's update to unit RMS.
+        data_format: ``"channels_first"`` or ``"channels_last"``. With ``merge_dims`` a 4-D tensor
+            is permuted (0, 3, 1, 2) first under ``"channels_last"``, which assumes (O, H, W, I)
+            storage. PyTorch conv weights are (O, I, kH, kW) whatever their memory format, so
+            PyTorch users should keep ``"channels_first"``.
+        correct_bias: Adam bias correction.
+        maximize: maximize the objective instead of minimizing it.
+
+    State per parameter: ``step`` (number of real updates; the first call only builds the
+    preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
+    ``factors`` and ``bases`` (one d x d matrix per merged axis, ``None`` where the axis is not
+    preconditioned). All floating state is float32 (float64 for float64 parameters), whatever the
+    parameter dtype, and stays so across ``load_state_dict``.
+
+    Non-finite gradients raise ``FloatingPointError`` naming the parameter, before anything is
+    modified (``torch.amp.GradScaler`` never calls ``step`` with them, so mixed precision is fine).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 3e-3,
+        betas: Tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float = -1,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        data_format: str = "channels_first",
+        correct_bias: bool = True,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            normalize_grads=normalize_grads,
+            data_format=data_format,
+            correct_bias=correct_bias,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        shampoo_beta = group["shampoo_beta"]
+        check_non_negative("shampoo_beta", abs(shampoo_beta))
+        if not shampoo_beta < 1:
+            raise ValueError(f"Invalid shampoo_beta: {shampoo_beta} (must be < 1; negative means betas[1])")
+        check_non_negative("eps", group["eps"])
+        check_non_negative("weight_decay", group["weight_decay"])
+        check_positive_int("precondition_frequency", group["precondition_frequency"])
+        check_positive_int("max_precond_dim", group["max_precond_dim"])
+        check_choice("data_format", group["data_format"], DATA_FORMATS)
+        for flag in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias"):
+            check_bool(flag, group[flag])
+
+    @staticmethod
+    def _plan(param: torch.Tensor, group: Dict[str, Any]) -> Plan:
+        return make_plan(
+            tuple(param.shape),
+            max_precond_dim=group["max_precond_dim"],
+            merge_dims=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+            data_format=group["data_format"],
+        )
+
+    def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
+        plan = self._plan(param, group)
+        matrices = [None if d is None else (d, d) for d in plan.factor_dims]
+        return {"exp_avg": plan.merged_shape, "exp_avg_sq": plan.merged_shape, "factors": matrices, "bases": matrices}
+
+    def _step_group(self, group: Dict[str, Any]) -> None:
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            plan = self._plan(param, group)
+            grad = plan.to_merged(param.grad.to(state_dtype(param)))
+            if group["maximize"]:
+                grad = -grad
+            state = self.state[param]
+            if not state:
+                _init_state(state, plan, grad, shampoo_beta)
+                continue
+            soap_update_(param, grad, state, plan, group, shampoo_beta)
+
+
+def _init_state(state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float) -> None:
+    """First step for a parameter: build factors and the first bases from ``grad``; no update."""
+    state["step"] = torch.tensor(0.0)
+    state["exp_avg"] = torch.zeros_like(grad)
+    state["exp_avg_sq"] = torch.zeros_like(grad)
+    state["factors"] = zero_factors(plan.factor_dims, dtype=grad.dtype, device=grad.device)
+    update_factors_(state["factors"], grad, shampoo_beta)
+    state["bases"] = [None if f is None else initial_basis(f) for f in state["factors"]]
+
+
+def apply_update_(param: torch.Tensor, update: torch.Tensor, step_size: float, decay: float) -> None:
+    """theta <- (1 - decay) * (theta - step_size * update), computed in the update's precision.
+
+    The decay multiplies the already-updated weights (the SOAP reference's order).
+    """
+    target = param if param.dtype == update.dtype else param.to(update.dtype)
+    target.add_(update, alpha=-step_size)
+    if decay > 0:
+        target.add_(target, alpha=-decay)
+    if target is not param:
+        param.copy_(target)
+
+
+def soap_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: Dict[str, Any],
+    plan: Plan,
+    group: Dict[str, Any],
+    shampoo_beta: float,
+) -> None:
+    """One SOAP step for one parameter; ``grad`` is in the merged layout and state precision."""
+    beta1, beta2 = group["betas"]
+    lr = float(group["lr"])
+    bases, exp_avg, exp_avg_sq = state["bases"], state["exp_avg"], state["exp_avg_sq"]
+
+    rotated = project(grad, bases)
+    state["step"] += 1
+    step = int(state["step"].item())
+    exp_avg.mul_(beta1).add_(rotated, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
+    denom = exp_avg_sq.sqrt().add_(group["eps"])
+    step_size = lr
+    if group["correct_bias"]:
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    update = project_back(exp_avg / denom, bases)
+    if group["normalize_grads"]:
+        update = update / (1e-30 + update.square().mean().sqrt())
+    apply_update_(param, plan.from_merged(update), step_size, lr * group["weight_decay"])
+
+    update_factors_(state["factors"], grad, shampoo_beta)
+    if step % group["precondition_frequency"] == 0:
+        refresh_bases_(state["factors"], bases, exp_avg, exp_avg_sq)

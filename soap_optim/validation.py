@@ -1,0 +1,62 @@
+"""Argument checks shared by every optimizer: each raises ValueError naming the bad value."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def check_lr(lr) -> None:
+    value = _as_float("lr", lr)
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"Invalid learning rate: lr={value} (must be finite and >= 0)")
+
+
+def check_betas(betas, *, allow_one: bool = False) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for index, beta in enumerate(betas):
+        value = _as_float(f"betas[{index}]", beta)
+        upper_ok = value <= 1.0 if allow_one else value < 1.0
+        if not (value >= 0.0 and upper_ok):
+            bound = "[0, 1]" if allow_one else "[0, 1)"
+            raise ValueError(f"Invalid beta parameter at index {index}: {value} (must be in {bound})")
+
+
+def check_unit_interval(name: str, value, *, allow_one: bool = False) -> None:
+    value = _as_float(name, value)
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (value >= 0.0 and upper_ok):
+        raise ValueError(f"Invalid {name}: {value} (must be in {'[0, 1]' if allow_one else '[0, 1)'})")
+
+
+def check_non_negative(name: str, value) -> None:
+    value = _as_float(name, value)
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"Invalid {name}: {value} (must be finite and >= 0)")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
