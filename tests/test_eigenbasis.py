@@ -1,0 +1,165 @@
+"""The shared eigenbasis core, unit by unit, against float64 re-computation and closed forms."""
+import warnings
+
+import pytest
+import torch
+
+from soap_optim.eigenbasis import (
+    initial_basis,
+    mode_gram,
+    project,
+    project_back,
+    refresh_bases_,
+    refreshed_basis,
+    update_factors_,
+    zero_factors,
+)
+from soap_optim.eigenbasis import bases as bases_module
+
+
+def _random_orthonormal(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+
+
+def _spd_with_spectrum(eigenvalues, seed):
+    q = _random_orthonormal(len(eigenvalues), seed)
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T, q
+
+
+def test_mode_gram_matrix_and_tensor():
+    g = torch.randn(5, 7, dtype=torch.float64)
+    torch.testing.assert_close(mode_gram(g, 0), g @ g.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mode_gram(g, 1), g.T @ g, rtol=0, atol=1e-12)
+    t = torch.randn(3, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(mode_gram(t, 1), torch.einsum("aib,ajb->ij", t, t), rtol=0, atol=1e-12)
+    v = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(mode_gram(v, 0), torch.outer(v, v), rtol=0, atol=1e-12)
+
+
+def test_factor_ema_and_accumulation_closed_form():
+    g1, g2 = torch.randn(2, 4, 3, dtype=torch.float64)
+    factors = zero_factors((4, None), dtype=torch.float64, device="cpu")
+    update_factors_(factors, g1, 0.9)
+    update_factors_(factors, g2, 0.9)
+    expected = 0.9 * 0.1 * g1 @ g1.T + 0.1 * g2 @ g2.T
+    torch.testing.assert_close(factors[0], expected, rtol=0, atol=1e-12)
+    assert factors[1] is None
+    sums = zero_factors((4, 3), dtype=torch.float64, device="cpu")
+    update_factors_(sums, g1, 1.0)
+    update_factors_(sums, g2, 1.0)
+    torch.testing.assert_close(sums[1], g1.T @ g1 + g2.T @ g2, rtol=0, atol=1e-12)
+
+
+def test_project_matches_explicit_products_and_inverts():
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    bases = [_random_orthonormal(4, 1), None, _random_orthonormal(6, 2)]
+    expected = torch.einsum("abc,ai,ck->ibk", x, bases[0], bases[2])
+    torch.testing.assert_close(project(x, bases), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(project_back(project(x, bases), bases), x, rtol=0, atol=1e-12)
+    m = torch.randn(4, 6, dtype=torch.float64)
+    ql, qr = bases[0], bases[2]
+    torch.testing.assert_close(project(m, [ql, qr]), ql.T @ m @ qr, rtol=0, atol=1e-12)
+    torch.testing.assert_close(project_back(m, [ql, qr]), ql @ m @ qr.T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_initial_basis_is_orthonormal_descending_eigenvectors(dtype, tol):
+    spectrum = [9.0, 4.0, 2.5, 1.0, 0.25]
+    factor, q_true = _spd_with_spectrum(spectrum, 3)
+    q = initial_basis(factor.to(dtype)).double()
+    torch.testing.assert_close(q.T @ q, torch.eye(5, dtype=torch.float64), rtol=0, atol=tol)
+    torch.testing.assert_close(torch.diagonal(q.T @ factor @ q), torch.tensor(spectrum, dtype=torch.float64),
+                               rtol=0, atol=100 * tol)
+    torch.testing.assert_close((q_true.T @ q).abs(), torch.eye(5, dtype=torch.float64), rtol=0, atol=1e3 * tol)
+
+
+def test_initial_basis_of_zero_factor_is_reversed_identity():
+    # eigh of the jittered zero factor returns the identity; descending order reverses its columns
+    assert torch.equal(initial_basis(torch.zeros(4, 4)), torch.eye(4).flip(1))
+
+
+def test_refresh_of_converged_basis_is_a_no_op_up_to_signs_and_order():
+    spectrum = [0.5, 8.0, 2.0, 1.0]
+    factor, q_true = _spd_with_spectrum(spectrum, 4)
+    result = refreshed_basis(factor, q_true)  # columns in the wrong (unsorted) order
+    assert result is not None
+    new_q, order = result
+    assert order.tolist() == [1, 2, 3, 0]
+    torch.testing.assert_close(new_q.abs(), q_true[:, order].abs(), rtol=0, atol=1e-12)
+
+
+def test_refresh_converges_to_eigenvectors_by_power_iteration():
+    factor, q_true = _spd_with_spectrum([10.0, 3.0, 1.0], 5)
+    q = _random_orthonormal(3, 6)
+    for _ in range(60):
+        q, _ = refreshed_basis(factor, q)
+    torch.testing.assert_close((q_true.T @ q).abs(), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+def test_refresh_carries_moments():
+    """exp_avg is rotated exactly into the new basis; exp_avg_sq is only permuted."""
+    factor_l, _ = _spd_with_spectrum([1.0, 5.0, 3.0], 7)
+    factor_r, _ = _spd_with_spectrum([2.0, 1.0, 4.0, 0.5], 8)
+    bases = [_random_orthonormal(3, 9), _random_orthonormal(4, 10)]
+    old = list(bases)
+    exp_avg = torch.randn(3, 4, dtype=torch.float64)
+    exp_avg_sq = torch.rand(3, 4, dtype=torch.float64)
+    exp_avg_before, exp_avg_sq_before = exp_avg.clone(), exp_avg_sq.clone()
+    refresh_bases_([factor_l, factor_r], bases, exp_avg, exp_avg_sq)
+    torch.testing.assert_close(project_back(exp_avg, bases), project_back(exp_avg_before, old), rtol=0, atol=1e-12)
+    order_l = torch.argsort(torch.diagonal(old[0].T @ factor_l @ old[0]), descending=True)
+    order_r = torch.argsort(torch.diagonal(old[1].T @ factor_r @ old[1]), descending=True)
+    torch.testing.assert_close(exp_avg_sq, exp_avg_sq_before[order_l][:, order_r], rtol=0, atol=0)
+    for q in bases:
+        torch.testing.assert_close(q.T @ q, torch.eye(len(q), dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_non_finite_factor_never_reaches_eigh(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1))
+    bad = torch.eye(3)
+    bad[0, 1] = float("nan")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert torch.equal(initial_basis(bad), torch.eye(3))
+        assert refreshed_basis(bad, torch.eye(3)) is None
+    assert calls == []
+
+
+def test_eigh_failure_is_retried_in_float64(monkeypatch):
+    real_eigh = torch.linalg.eigh
+    seen = []
+
+    def flaky_eigh(matrix, *args, **kwargs):
+        seen.append(matrix.dtype)
+        if matrix.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("simulated failure")
+        return real_eigh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
+    factor, q_true = _spd_with_spectrum([3.0, 2.0, 1.0], 11)
+    q = initial_basis(factor.float())
+    assert seen == [torch.float32, torch.float64]
+    assert q.dtype == torch.float32
+    torch.testing.assert_close((q_true.float().T @ q).abs(), torch.eye(3), rtol=0, atol=1e-5)
+
+
+def test_eigh_and_qr_failures_keep_previous_basis_with_a_warning(monkeypatch):
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated failure")
+
+    factor, _ = _spd_with_spectrum([3.0, 2.0, 1.0], 12)
+    bases = [_random_orthonormal(3, 13)]
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    monkeypatch.setattr(torch.linalg, "qr", broken)
+    monkeypatch.setattr(bases_module, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="eigh failed"):
+        assert torch.equal(initial_basis(factor), torch.eye(3, dtype=torch.float64))
+    previous = bases[0].clone()
+    exp_avg, exp_avg_sq = torch.randn(3, 2, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)
+    snapshot = (exp_avg.clone(), exp_avg_sq.clone())
+    with pytest.warns(RuntimeWarning, match="QR refresh failed"):
+        refresh_bases_([factor, None], bases, exp_avg, exp_avg_sq)
+    assert torch.equal(bases[0], previous)
+    assert torch.equal(exp_avg, snapshot[0]) and torch.equal(exp_avg_sq, snapshot[1])
