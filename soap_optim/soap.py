@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -13,6 +13,7 @@ from .eigenbasis import (
     make_plan,
     project,
     project_back,
+    permute_axes_,
     refresh_bases_,
     update_factors_,
     zero_factors,
@@ -56,6 +57,14 @@ class SOAP(SoapOptimizerBase):
     :math:`\lambda` is ``weight_decay``, :math:`f` is ``precondition_frequency`` and
     :math:`\beta_s` is ``shampoo_beta`` (``betas[1]`` when negative).
 
+    Memory-lean variants (section "space and time" of the paper), combinable:
+
+    * ``one_sided=True``: a single factor per parameter, on the smallest eligible merged axis
+      (or on merged axis ``one_sided_dim``); the other axes are left in the standard basis.
+    * ``factorized=True``: for 2-D (merged) parameters the second moment in the eigenbasis is
+      Adafactor-style factored, :math:`\hat v = r c^\top / \bar r` from row means :math:`r` and
+      column means :math:`c` of :math:`\tilde G^2` (EMAs with :math:`\beta_2`).
+
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate; also scales the decoupled weight decay.
@@ -74,9 +83,13 @@ class SOAP(SoapOptimizerBase):
             PyTorch users should keep ``"channels_first"``.
         correct_bias: Adam bias correction.
         maximize: maximize the objective instead of minimizing it.
+        one_sided: keep one factor per parameter (see above).
+        one_sided_dim: merged axis to precondition when ``one_sided`` (default: the smallest).
+        factorized: factored second moment for 2-D (merged) parameters (see above).
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
+    (``exp_avg_sq_row`` and ``exp_avg_sq_col`` instead of ``exp_avg_sq`` when factorized),
     ``factors`` and ``bases`` (one d x d matrix per merged axis, ``None`` where the axis is not
     preconditioned). All floating state is float32 (float64 for float64 parameters), whatever the
     parameter dtype, and stays so across ``load_state_dict``.
@@ -102,6 +115,9 @@ class SOAP(SoapOptimizerBase):
         correct_bias: bool = True,
         *,
         maximize: bool = False,
+        one_sided: bool = False,
+        one_sided_dim: Optional[int] = None,
+        factorized: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -117,6 +133,9 @@ class SOAP(SoapOptimizerBase):
             data_format=data_format,
             correct_bias=correct_bias,
             maximize=maximize,
+            one_sided=one_sided,
+            one_sided_dim=one_sided_dim,
+            factorized=factorized,
         )
         super().__init__(params, defaults)
 
@@ -132,8 +151,11 @@ class SOAP(SoapOptimizerBase):
         check_positive_int("precondition_frequency", group["precondition_frequency"])
         check_positive_int("max_precond_dim", group["max_precond_dim"])
         check_choice("data_format", group["data_format"], DATA_FORMATS)
-        for flag in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias"):
+        for flag in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias", "one_sided", "factorized"):
             check_bool(flag, group[flag])
+        dim = group["one_sided_dim"]
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+            raise ValueError(f"Invalid one_sided_dim: {dim!r} (must be None or an int)")
 
     @staticmethod
     def _plan(param: torch.Tensor, group: Dict[str, Any]) -> Plan:
@@ -143,12 +165,19 @@ class SOAP(SoapOptimizerBase):
             merge_dims=group["merge_dims"],
             precondition_1d=group["precondition_1d"],
             data_format=group["data_format"],
+            one_sided=group["one_sided"],
+            one_sided_dim=group["one_sided_dim"],
         )
 
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         plan = self._plan(param, group)
         matrices = [None if d is None else (d, d) for d in plan.factor_dims]
-        return {"exp_avg": plan.merged_shape, "exp_avg_sq": plan.merged_shape, "factors": matrices, "bases": matrices}
+        shapes = {"exp_avg": plan.merged_shape, "factors": matrices, "bases": matrices}
+        if _is_factored(plan, group):
+            shapes["exp_avg_sq_row"], shapes["exp_avg_sq_col"] = plan.merged_shape[:1], plan.merged_shape[1:]
+        else:
+            shapes["exp_avg_sq"] = plan.merged_shape
+        return shapes
 
     def _step_group(self, group: Dict[str, Any]) -> None:
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
@@ -161,16 +190,24 @@ class SOAP(SoapOptimizerBase):
                 grad = -grad
             state = self.state[param]
             if not state:
-                _init_state(state, plan, grad, shampoo_beta)
+                _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group))
                 continue
             soap_update_(param, grad, state, plan, group, shampoo_beta)
 
 
-def _init_state(state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float) -> None:
+def _is_factored(plan: Plan, group: Dict[str, Any]) -> bool:
+    return group["factorized"] and len(plan.merged_shape) == 2
+
+
+def _init_state(state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float, factored: bool) -> None:
     """First step for a parameter: build factors and the first bases from ``grad``; no update."""
     state["step"] = torch.tensor(0.0)
     state["exp_avg"] = torch.zeros_like(grad)
-    state["exp_avg_sq"] = torch.zeros_like(grad)
+    if factored:
+        state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[0])
+        state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[1])
+    else:
+        state["exp_avg_sq"] = torch.zeros_like(grad)
     state["factors"] = zero_factors(plan.factor_dims, dtype=grad.dtype, device=grad.device)
     update_factors_(state["factors"], grad, shampoo_beta)
     state["bases"] = [None if f is None else initial_basis(f) for f in state["factors"]]
@@ -200,14 +237,13 @@ def soap_update_(
     """One SOAP step for one parameter; ``grad`` is in the merged layout and state precision."""
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
-    bases, exp_avg, exp_avg_sq = state["bases"], state["exp_avg"], state["exp_avg_sq"]
+    bases, exp_avg = state["bases"], state["exp_avg"]
 
     rotated = project(grad, bases)
     state["step"] += 1
     step = int(state["step"].item())
     exp_avg.mul_(beta1).add_(rotated, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
-    denom = exp_avg_sq.sqrt().add_(group["eps"])
+    denom = _second_moment_update_(state, rotated, beta2).sqrt().add_(group["eps"])
     step_size = lr
     if group["correct_bias"]:
         step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
@@ -218,4 +254,28 @@ def soap_update_(
 
     update_factors_(state["factors"], grad, shampoo_beta)
     if step % group["precondition_frequency"] == 0:
-        refresh_bases_(state["factors"], bases, exp_avg, exp_avg_sq)
+        orders = refresh_bases_(state["factors"], bases, exp_avg)
+        if "exp_avg_sq" in state:
+            permute_axes_(state["exp_avg_sq"], orders)
+        else:
+            permute_axes_(state["exp_avg_sq_row"], orders[:1])
+            permute_axes_(state["exp_avg_sq_col"], orders[1:])
+
+
+def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: float) -> torch.Tensor:
+    """EMA of the squared rotated gradient; returns the second-moment estimate v (full or factored)."""
+    if "exp_avg_sq" in state:
+        return state["exp_avg_sq"].mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
+    return factored_second_moment_(state["exp_avg_sq_row"], state["exp_avg_sq_col"], rotated, beta2)
+
+
+def factored_second_moment_(row: torch.Tensor, col: torch.Tensor, x: torch.Tensor, beta2: float) -> torch.Tensor:
+    """Adafactor's rank-1 second moment of a matrix: r, c <- EMAs of the row/column means of x^2.
+
+    Returns v = r c^T / mean(r), which equals (row sums)(column sums)^T / (total sum).
+    """
+    square = x.square()
+    row.mul_(beta2).add_(square.mean(dim=1), alpha=1 - beta2)
+    col.mul_(beta2).add_(square.mean(dim=0), alpha=1 - beta2)
+    # mean(r) is 0 only when r (hence v) is 0; the floor keeps 0/0 out.
+    return torch.outer(row, col) / row.mean().clamp_min(torch.finfo(row.dtype).tiny)

@@ -1,7 +1,7 @@
 """The shared eigenbasis core: pure functions used by SOAP and the rest of the family."""
 from .bases import initial_basis, refreshed_basis
 from .factors import mode_gram, update_factors_, zero_factors
-from .moments import refresh_bases_
+from .moments import permute_axes_, refresh_bases_
 from .plan import DATA_FORMATS, Plan, make_plan, merge_shape
 from .projection import project, project_back
 
@@ -12,6 +12,7 @@ __all__ = [
     "make_plan",
     "merge_shape",
     "mode_gram",
+    "permute_axes_",
     "project",
     "project_back",
     "refresh_bases_",

@@ -84,9 +84,27 @@ def make_plan(
     merge_dims: bool,
     precondition_1d: bool,
     data_format: str = "channels_first",
+    one_sided: bool = False,
+    one_sided_dim: Optional[int] = None,
 ) -> Plan:
-    """The factor layout SOAP (and the rest of the family) uses for a parameter of ``shape``."""
-    shape = tuple(int(s) for s in shape)
+    """The factor layout SOAP (and the rest of the family) uses for a parameter of ``shape``.
+
+    ``one_sided`` keeps a single factor: on merged axis ``one_sided_dim`` if given (and eligible),
+    else on the smallest eligible axis (the first one on ties).
+    """
+    plan = _full_plan(tuple(int(s) for s in shape), max_precond_dim, merge_dims, precondition_1d, data_format)
+    if not one_sided or not plan.is_preconditioned:
+        return plan
+    eligible = [axis for axis, p in enumerate(plan.preconditioned) if p]
+    if one_sided_dim is None:
+        keep = min(eligible, key=lambda axis: plan.merged_shape[axis])
+    else:
+        keep = one_sided_dim % len(plan.merged_shape)
+    preconditioned = tuple(axis == keep and p for axis, p in enumerate(plan.preconditioned))
+    return Plan(plan.shape, plan.permutation, plan.merged_shape, preconditioned)
+
+
+def _full_plan(shape, max_precond_dim, merge_dims, precondition_1d, data_format) -> Plan:
     if math.prod(shape) == 0:
         # Nothing to precondition in an empty tensor.
         return Plan(shape, None, shape, tuple(False for _ in shape))

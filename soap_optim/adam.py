@@ -1,0 +1,294 @@
+"""Adam and AdamW with torch.optim's conventions, on the soap_optim base.
+
+The math lives in small functions that the rest of the family reuses: :func:`adam_normalize`
+(m / (sqrt(v / bc2) + eps), Shampoo's Adam graft) and :func:`decay_then_update_` (torch's AdamW
+order: decay the weights, then subtract the update). :func:`adam_` is the functional entry point;
+it picks the batched ``torch._foreach_*`` implementation (the default) or the single-tensor
+reference, which share one signature and are proven equal by the tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .optimizer import SoapOptimizerBase, state_dtype
+from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
+
+
+def adam_normalize(
+    numerator: torch.Tensor, exp_avg_sq: torch.Tensor, bias_correction2: float, eps: float
+) -> torch.Tensor:
+    """numerator / (sqrt(exp_avg_sq / bias_correction2) + eps), torch.optim.Adam's denominator."""
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    return numerator / denom
+
+
+def decay_then_update_(param: torch.Tensor, update: torch.Tensor, lr: float, decay: float) -> None:
+    """theta <- theta * (1 - decay) - lr * update (torch.optim.AdamW's order), in the update's precision.
+
+    SOAP's reference decays the already-updated weights instead (see ``soap.apply_update_``).
+    """
+    target = param if param.dtype == update.dtype else param.to(update.dtype)
+    if decay != 0:
+        target.mul_(1 - decay)
+    target.add_(update, alpha=-lr)
+    if target is not param:
+        param.copy_(target)
+
+
+def _single_tensor_adam_(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    max_exp_avg_sqs: List[torch.Tensor],
+    steps: List[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """The readable reference: one parameter at a time."""
+    for index, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, steps)
+    ):
+        grad = grad.to(exp_avg.dtype)
+        if maximize:
+            grad = -grad
+        work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            grad = grad.add(work, alpha=weight_decay)
+        step += 1
+        t = step.item()
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        second = exp_avg_sq
+        if amsgrad:
+            torch.maximum(max_exp_avg_sqs[index], exp_avg_sq, out=max_exp_avg_sqs[index])
+            second = max_exp_avg_sqs[index]
+        direction = adam_normalize(exp_avg / (1 - beta1**t), second, 1 - beta2**t, eps)
+        decay = lr * weight_decay if decoupled_weight_decay else 0.0
+        decay_then_update_(param, direction, lr, decay)
+
+
+def _foreach_adam_(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    max_exp_avg_sqs: List[torch.Tensor],
+    steps: List[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """Batched over tensors that share a device and state dtype."""
+    buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+    for index, exp_avg in enumerate(exp_avgs):
+        buckets.setdefault((exp_avg.device, exp_avg.dtype), []).append(index)
+    for (_, dtype), indices in buckets.items():
+        # Low-precision parameters are updated through a copy in the state's dtype.
+        work = [params[i] if params[i].dtype == dtype else params[i].to(dtype) for i in indices]
+        g = [grads[i].to(dtype) for i in indices]
+        m = [exp_avgs[i] for i in indices]
+        v = [exp_avg_sqs[i] for i in indices]
+        s = [steps[i] for i in indices]
+        if maximize:
+            g = torch._foreach_neg(g)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(work, 1 - lr * weight_decay)
+            else:
+                g = torch._foreach_add(g, work, alpha=weight_decay)
+        torch._foreach_add_(s, 1)
+        ts = [step.item() for step in s]
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        if amsgrad:
+            v_max = [max_exp_avg_sqs[i] for i in indices]
+            torch._foreach_maximum_(v_max, v)
+            v = v_max
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in ts])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(work, m, denom, [-lr / (1 - beta1**t) for t in ts])
+        for i, w in zip(indices, work):
+            if w is not params[i]:
+                params[i].copy_(w)
+
+
+def adam_(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    max_exp_avg_sqs: List[torch.Tensor],
+    steps: List[torch.Tensor],
+    *,
+    foreach: Optional[bool] = None,
+    **hyper: Any,
+) -> None:
+    """Functional Adam/AdamW step over lists of tensors (state in its own dtype, params any float dtype).
+
+    ``foreach=False`` runs the single-tensor reference; ``None`` or ``True`` the batched path.
+    ``hyper``: lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize.
+    """
+    if not params:
+        return
+    impl = _single_tensor_adam_ if foreach is False else _foreach_adam_
+    impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hyper)
+
+
+class Adam(SoapOptimizerBase):
+    r"""Adam (Kingma & Ba, 2015) with torch.optim.Adam's exact conventions.
+
+    .. math::
+        \begin{aligned}
+        &g_t \leftarrow \nabla_\theta f_t(\theta_{t-1}) \quad (-\nabla \text{ if maximize}) \\
+        &\textbf{Adam: } g_t \leftarrow g_t + \lambda\theta_{t-1} \qquad
+         \textbf{AdamW: } \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+        &m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+         v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        &\hat v_t \leftarrow \max(\hat v_{t-1}, v_t) \text{ if amsgrad, else } v_t \\
+        &\theta_t \leftarrow \theta_{t-1} - \gamma \frac{m_t / (1-\beta_1^t)}
+              {\sqrt{\hat v_t / (1-\beta_2^t)} + \epsilon}
+        \end{aligned}
+
+    Note that ``eps`` is added after bias correction (torch's convention; SOAP adds it before).
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\gamma`.
+        betas: :math:`(\beta_1, \beta_2)`.
+        eps: added to the bias-corrected :math:`\sqrt{\hat v_t}`.
+        weight_decay: :math:`\lambda`; an L2 term added to the gradient (``Adam``) or decoupled
+            decay applied before the update (``AdamW``).
+        amsgrad: keep the running maximum of :math:`v_t` (state ``max_exp_avg_sq``).
+        foreach: ``None``/``True`` batch the group with ``torch._foreach_*``; ``False`` runs the
+            single-tensor reference.
+        maximize: maximize the objective instead of minimizing it.
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad),
+    as in torch.optim.Adam. Floating state is float32 (float64 for float64 parameters), so bf16/fp16
+    parameters are updated from float32 moments.
+    """
+
+    _decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_non_negative("eps", group["eps"])
+        check_non_negative("weight_decay", group["weight_decay"])
+        check_bool("amsgrad", group["amsgrad"])
+        check_choice("foreach", group["foreach"], (None, True, False))
+
+    def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
+        shapes = {"exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
+        if group["amsgrad"]:
+            shapes["max_exp_avg_sq"] = tuple(param.shape)
+        return shapes
+
+    def _step_group(self, group: Dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if not state:
+                zeros = lambda: torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)  # noqa: E731
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = zeros()
+                state["exp_avg_sq"] = zeros()
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = zeros()
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                # amsgrad switched on mid-run: the running maximum starts from the current moment.
+                state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+            params.append(param)
+            grads.append(param.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adam_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            foreach=group["foreach"],
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            decoupled_weight_decay=self._decoupled_weight_decay,
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+        )
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter, 2019) with torch.optim.AdamW's exact conventions.
+
+    Adam (see :class:`Adam` for the algorithm box) with decoupled weight decay in torch's order:
+    :math:`\theta \leftarrow \theta(1 - \gamma\lambda)` first, then the Adam update computed from the
+    gradient alone. Defaults as torch.optim.AdamW (``weight_decay=1e-2``).
+    """
+
+    _decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize)

@@ -1,0 +1,275 @@
+"""Shampoo (Gupta et al., 2018) with grafting, on the shared eigenbasis core.
+
+The dims plan (merge_dims, max_precond_dim, precondition_1d), the Kronecker factor updates and the
+mode products are the core's (``make_plan``, ``update_factors_``, ``project``); the eigendecomposition
+is the core's ``initial_basis`` (eigh with its float64 retry and fallbacks). What is Shampoo's own is
+:func:`inverse_root` and the grafting of the preconditioned direction onto an elementwise optimizer's
+step size.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .adam import adam_normalize, decay_then_update_
+from .eigenbasis import DATA_FORMATS, Plan, initial_basis, make_plan, project, update_factors_, zero_factors
+from .optimizer import SoapOptimizerBase, state_dtype
+from .validation import (
+    check_betas,
+    check_bool,
+    check_choice,
+    check_lr,
+    check_non_negative,
+    check_positive_int,
+    check_unit_interval,
+)
+
+GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
+
+
+def inverse_root(factor: torch.Tensor, exponent: float, matrix_eps: float) -> Optional[torch.Tensor]:
+    """(F + matrix_eps * lambda_max(F) * I)^(-exponent) for a symmetric PSD ``factor``.
+
+    The damping is relative to the largest eigenvalue, so it does not depend on the scale of the
+    gradients or on whether the factor is a sum or an average. Eigenvalues below zero (rounding)
+    are clamped to zero first. An all-zero factor (no gradient seen on that axis) gives the identity.
+    Returns None when the factor is not finite: the caller keeps its previous root.
+    """
+    if not bool(torch.isfinite(factor).all()):
+        return None
+    # The core's eigh (float64 retry, identity fallback); the eigenvalues are the Rayleigh quotients
+    # diag(Q^T F Q), exact to rounding for eigenvectors.
+    basis = initial_basis(factor)
+    values = (basis * (factor @ basis)).sum(dim=0).clamp_min_(0)
+    top = values.max()
+    if not bool(top > 0):
+        return torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    scales = (values + matrix_eps * top).pow_(-exponent)
+    return (basis * scales) @ basis.T
+
+
+def root_exponent(plan: Plan, exponent_override: Optional[float]) -> float:
+    """Exponent p applied to every factor, (F_1 (x) ... (x) F_K)^(-p): 1/(2K) unless overridden."""
+    if exponent_override is not None:
+        return float(exponent_override)
+    return 1.0 / (2 * sum(plan.preconditioned))
+
+
+class Shampoo(SoapOptimizerBase):
+    r"""Shampoo with grafting, momentum and decoupled weight decay.
+
+    For a parameter whose gradient :math:`G` has (merged) axes with Kronecker factors
+    :math:`F_1, \dots, F_K` (see ``max_precond_dim``, ``merge_dims``, ``precondition_1d``):
+
+    .. math::
+        \begin{aligned}
+        &t \leftarrow t + 1, \quad m_t = \beta_1 m_{t-1} + (1-\beta_1) G, \quad
+            \hat m_t = m_t / (1 - \beta_1^t) \\
+        &F_k \leftarrow \beta_s F_k + (1-\beta_s) G_{(k)} G_{(k)}^\top
+            \quad (\beta_s = 1: F_k \leftarrow F_k + G_{(k)} G_{(k)}^\top) \\
+        &\text{if } t \ge t_0 \text{ and } (t - t_0) \bmod f = 0:\
+            P_k \leftarrow (F_k + \epsilon_F \lambda_{\max}(F_k) I)^{-p},\quad p = 1/(2K) \\
+        &\text{graft: } d_t = \hat m_t / (\sqrt{v_t / (1-\beta_2^t)} + \epsilon),\
+            v_t = \beta_2 v_{t-1} + (1-\beta_2) G^2 \quad (\text{"adam"}) \\
+        &u_t = \begin{cases} d_t & t < t_0 \\
+            S_t \, \lVert d_t \rVert_F / \lVert S_t \rVert_F,\
+            S_t = \hat m_t \times_1 P_1 \times_2 P_2 \cdots & t \ge t_0 \end{cases} \\
+        &\theta_t = \theta_{t-1}(1 - \gamma\lambda) - \gamma u_t
+        \end{aligned}
+
+    so a matrix gets :math:`L^{-1/4} \hat M R^{-1/4}` rescaled to the norm of Adam's step. With the
+    defaults, the first ``start_preconditioning_step - 1`` steps are exactly
+    ``torch.optim.AdamW(lr, betas, eps, weight_decay)`` (eps after bias correction, decay
+    :math:`\theta(1-\gamma\lambda)` before the update).
+
+    Momentum is on the gradient (``exp_avg``), before preconditioning: both the Shampoo direction
+    and the graft are computed from :math:`\hat m_t`, which is what makes the reduction to AdamW exact.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\gamma` (in the graft's units when grafting).
+        betas: :math:`\beta_1` (momentum of the gradient) and :math:`\beta_2` (second moment of the
+            "adam"/"rmsprop" graft).
+        shampoo_beta: :math:`\beta_s` in [0, 1]; the default 1.0 sums the factors as AdaGrad does
+            (the original Shampoo); below 1 they are an exponential moving average.
+        eps: the graft's epsilon (Adam's).
+        matrix_eps: :math:`\epsilon_F`, damping of each factor relative to its largest eigenvalue
+            (1e-6 caps the condition number of a damped factor at 1e6).
+        weight_decay: :math:`\lambda`, decoupled, applied in torch.optim.AdamW's order.
+        precondition_frequency: :math:`f`, inverse roots are recomputed every ``f`` steps.
+        start_preconditioning_step: :math:`t_0`, the first step that uses the roots (the first
+            roots are computed at that step, from all gradients so far). Before it: graft only.
+        exponent_override: :math:`p`, the preconditioner is :math:`(F_1 \otimes \dots \otimes F_K)^{-p}`,
+            i.e. every factor is raised to :math:`-p`. ``None`` means :math:`p = 1/(2K)` with
+            :math:`K` the number of preconditioned axes (a matrix: :math:`L^{-1/4} G R^{-1/4}`).
+            ``0.5`` is the SOAP paper's "Shampoo with power 1/2" (a matrix:
+            :math:`L^{-1/2} G R^{-1/2}`, whatever :math:`K`).
+        grafting: ``"adam"`` (bias-corrected, as AdamW), ``"rmsprop"`` (:math:`\hat m_t / (\sqrt{v_t}
+            + \epsilon)`, no bias correction of :math:`v_t`), ``"sgd"`` (:math:`\hat m_t`), or
+            ``"none"`` (the Shampoo direction unscaled; momentum SGD before :math:`t_0`).
+        max_precond_dim, merge_dims, precondition_1d, data_format: the dims plan, exactly as in
+            :class:`soap_optim.SOAP`. A tensor with no preconditioned axis takes the graft's step.
+        maximize: maximize the objective instead of minimizing it.
+
+    State per parameter (merged layout): ``step``, ``exp_avg``, ``exp_avg_sq`` (adam/rmsprop
+    grafting only), ``factors`` and ``roots`` (one d x d matrix per axis, ``None`` for an axis that
+    is not preconditioned; roots start as the identity). Floating state is float32 (float64 for
+    float64 parameters).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        shampoo_beta: float = 1.0,
+        eps: float = 1e-8,
+        matrix_eps: float = 1e-6,
+        weight_decay: float = 1e-2,
+        precondition_frequency: int = 10,
+        start_preconditioning_step: int = 10,
+        exponent_override: Optional[float] = None,
+        grafting: str = "adam",
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        data_format: str = "channels_first",
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            matrix_eps=matrix_eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            exponent_override=exponent_override,
+            grafting=grafting,
+            max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            data_format=data_format,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_unit_interval("shampoo_beta", group["shampoo_beta"], allow_one=True)
+        check_non_negative("eps", group["eps"])
+        check_non_negative("matrix_eps", group["matrix_eps"])
+        check_non_negative("weight_decay", group["weight_decay"])
+        check_positive_int("precondition_frequency", group["precondition_frequency"])
+        check_positive_int("start_preconditioning_step", group["start_preconditioning_step"])
+        exponent = group["exponent_override"]
+        if exponent is not None:
+            if isinstance(exponent, bool) or not isinstance(exponent, numbers.Real) or not (
+                0 < exponent and math.isfinite(exponent)
+            ):
+                raise ValueError(
+                    f"Invalid exponent_override: {exponent!r} (must be None or a finite number > 0; "
+                    f"factors are raised to -exponent_override)"
+                )
+        check_choice("grafting", group["grafting"], GRAFTINGS)
+        check_positive_int("max_precond_dim", group["max_precond_dim"])
+        check_choice("data_format", group["data_format"], DATA_FORMATS)
+        for flag in ("merge_dims", "precondition_1d"):
+            check_bool(flag, group[flag])
+
+    @staticmethod
+    def _plan(param: torch.Tensor, group: Dict[str, Any]) -> Plan:
+        return make_plan(
+            tuple(param.shape),
+            max_precond_dim=group["max_precond_dim"],
+            merge_dims=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+            data_format=group["data_format"],
+        )
+
+    def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
+        plan = self._plan(param, group)
+        matrices = [None if d is None else (d, d) for d in plan.factor_dims]
+        shapes = {"exp_avg": plan.merged_shape, "factors": matrices, "roots": matrices}
+        if group["grafting"] in ("adam", "rmsprop"):
+            shapes["exp_avg_sq"] = plan.merged_shape
+        return shapes
+
+    def _step_group(self, group: Dict[str, Any]) -> None:
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            plan = self._plan(param, group)
+            grad = plan.to_merged(param.grad.to(state_dtype(param)))
+            if group["maximize"]:
+                grad = -grad
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(grad)
+                state["factors"] = zero_factors(plan.factor_dims, dtype=grad.dtype, device=grad.device)
+                state["roots"] = [
+                    None if d is None else torch.eye(d, dtype=grad.dtype, device=grad.device)
+                    for d in plan.factor_dims
+                ]
+            if group["grafting"] in ("adam", "rmsprop") and "exp_avg_sq" not in state:
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+            direction = shampoo_direction_(grad, state, plan, group)
+            lr = float(group["lr"])
+            decay_then_update_(param, plan.from_merged(direction), lr, lr * group["weight_decay"])
+
+
+def shampoo_direction_(grad: torch.Tensor, state: Dict[str, Any], plan: Plan, group: Dict[str, Any]) -> torch.Tensor:
+    """Advance one parameter's state with ``grad`` (merged layout) and return its update direction."""
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    step = int(state["step"].item())
+    exp_avg = state["exp_avg"]
+    exp_avg.lerp_(grad, 1 - beta1)
+    momentum = exp_avg / (1 - beta1**step)
+
+    grafting = group["grafting"]
+    graft = None
+    if grafting in ("adam", "rmsprop"):
+        exp_avg_sq = state["exp_avg_sq"]
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction2 = 1 - beta2**step if grafting == "adam" else 1.0
+        graft = adam_normalize(momentum, exp_avg_sq, bias_correction2, group["eps"])
+    elif grafting == "sgd":
+        graft = momentum
+
+    if not plan.is_preconditioned:
+        return momentum if graft is None else graft
+    factors, roots = state["factors"], state["roots"]
+    update_factors_(factors, grad, group["shampoo_beta"])
+    start = group["start_preconditioning_step"]
+    if step < start:
+        return momentum if graft is None else graft
+    if (step - start) % group["precondition_frequency"] == 0:
+        exponent = root_exponent(plan, group["exponent_override"])
+        for axis, factor in enumerate(factors):
+            if factor is None:
+                continue
+            root = inverse_root(factor, exponent, group["matrix_eps"])
+            if root is None:
+                warnings.warn(
+                    "soap_optim.Shampoo: a Kronecker factor is not finite; keeping the previous root",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                continue
+            roots[axis] = root
+    direction = project(momentum, roots)  # roots are symmetric: project == project_back
+    if graft is None:
+        return direction
+    # Per-tensor grafting: the Shampoo direction with the graft's Frobenius norm (0 stays 0).
+    norm = torch.linalg.vector_norm(direction)
+    scale = torch.where(norm > 0, torch.linalg.vector_norm(graft) / norm, torch.zeros_like(norm))
+    return direction.mul_(scale)
