@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -18,6 +18,7 @@ from .eigenbasis import (
     update_factors_,
     zero_factors,
 )
+from .dispatch import resolve_ops
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import (
     check_betas,
@@ -27,6 +28,10 @@ from .validation import (
     check_non_negative,
     check_positive_int,
 )
+
+
+# Inputs of the rotation products on the batched/fused path; accumulation is always float32.
+ROTATION_PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class SOAP(SoapOptimizerBase):
@@ -86,6 +91,14 @@ class SOAP(SoapOptimizerBase):
         one_sided: keep one factor per parameter (see above).
         one_sided_dim: merged axis to precondition when ``one_sided`` (default: the smallest).
         factorized: factored second moment for 2-D (merged) parameters (see above).
+        foreach: ``None``/``True``: same-shaped 2-D (merged) parameters of a group are stepped
+            together through batched ops; ``False``: one parameter at a time.
+        fused: ``None``: Triton kernels for CUDA tensors when triton imports, else the batched
+            PyTorch path; ``True``: Triton kernels or an error saying why they cannot run;
+            ``False``: the batched PyTorch path.
+        rotation_precision: inputs of the rotation products on the batched/fused path:
+            ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (float32 accumulation always). Opt-in
+            speed for large matrices on GPUs; the one-parameter path always uses ``"fp32"``.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
@@ -118,6 +131,9 @@ class SOAP(SoapOptimizerBase):
         one_sided: bool = False,
         one_sided_dim: Optional[int] = None,
         factorized: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        rotation_precision: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -136,6 +152,9 @@ class SOAP(SoapOptimizerBase):
             one_sided=one_sided,
             one_sided_dim=one_sided_dim,
             factorized=factorized,
+            foreach=foreach,
+            fused=fused,
+            rotation_precision=rotation_precision,
         )
         super().__init__(params, defaults)
 
@@ -153,6 +172,10 @@ class SOAP(SoapOptimizerBase):
         check_choice("data_format", group["data_format"], DATA_FORMATS)
         for flag in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias", "one_sided", "factorized"):
             check_bool(flag, group[flag])
+        for flag in ("foreach", "fused"):
+            if group[flag] is not None:
+                check_bool(flag, group[flag])
+        check_choice("rotation_precision", group["rotation_precision"], ROTATION_PRECISIONS)
         dim = group["one_sided_dim"]
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
             raise ValueError(f"Invalid one_sided_dim: {dim!r} (must be None or an int)")
@@ -181,6 +204,7 @@ class SOAP(SoapOptimizerBase):
 
     def _step_group(self, group: Dict[str, Any]) -> None:
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
+        ready = []
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -191,8 +215,30 @@ class SOAP(SoapOptimizerBase):
             state = self.state[param]
             if not state:
                 _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group))
-                continue
-            soap_update_(param, grad, state, plan, group, shampoo_beta)
+            else:
+                ready.append(_Item(param, grad, state, plan))
+        if group["foreach"] is False:
+            for item in ready:
+                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta)
+            return
+        buckets: Dict[Tuple, List[_Item]] = {}
+        for item in ready:
+            if len(item.plan.merged_shape) == 2 and "exp_avg_sq" in item.state:
+                key = (item.plan.merged_shape, item.plan.preconditioned, item.grad.dtype, item.grad.device)
+                buckets.setdefault(key, []).append(item)
+            else:
+                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta)
+        if buckets:
+            ops = resolve_ops(group["fused"], (item.param for items in buckets.values() for item in items))
+            for items in buckets.values():
+                soap_bucket_update_(items, group, shampoo_beta, ops)
+
+
+class _Item(NamedTuple):
+    param: torch.Tensor
+    grad: torch.Tensor  # merged layout, state precision, sign-flipped under maximize
+    state: Dict[str, Any]
+    plan: Plan
 
 
 def _is_factored(plan: Plan, group: Dict[str, Any]) -> bool:
@@ -240,26 +286,84 @@ def soap_update_(
     bases, exp_avg = state["bases"], state["exp_avg"]
 
     rotated = project(grad, bases)
-    state["step"] += 1
-    step = int(state["step"].item())
+    step = _increment_step(state)
     exp_avg.mul_(beta1).add_(rotated, alpha=1 - beta1)
     denom = _second_moment_update_(state, rotated, beta2).sqrt().add_(group["eps"])
-    step_size = lr
-    if group["correct_bias"]:
-        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    step_size = _step_size(group, step)
     update = project_back(exp_avg / denom, bases)
     if group["normalize_grads"]:
         update = update / (1e-30 + update.square().mean().sqrt())
     apply_update_(param, plan.from_merged(update), step_size, lr * group["weight_decay"])
 
     update_factors_(state["factors"], grad, shampoo_beta)
+    _maybe_refresh_(state, step, group)
+
+
+def _increment_step(state: Dict[str, Any]) -> int:
+    state["step"] += 1
+    return int(state["step"].item())
+
+
+def _step_size(group: Dict[str, Any], step: int) -> float:
+    """lr * sqrt(1 - beta2^t) / (1 - beta1^t) with bias correction, else lr."""
+    lr = float(group["lr"])
+    if not group["correct_bias"]:
+        return lr
+    beta1, beta2 = group["betas"]
+    return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+
+
+def _maybe_refresh_(state: Dict[str, Any], step: int, group: Dict[str, Any]) -> None:
+    """Every precondition_frequency steps: refresh the bases and carry the moments along."""
     if step % group["precondition_frequency"] == 0:
-        orders = refresh_bases_(state["factors"], bases, exp_avg)
+        orders = refresh_bases_(state["factors"], state["bases"], state["exp_avg"])
         if "exp_avg_sq" in state:
             permute_axes_(state["exp_avg_sq"], orders)
         else:
             permute_axes_(state["exp_avg_sq_row"], orders[:1])
             permute_axes_(state["exp_avg_sq_col"], orders[1:])
+
+
+def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops) -> None:
+    """One SOAP step for a bucket of same-shaped 2-D (merged) parameters, through batched ops.
+
+    The bucket's tensors are stacked into [B, m, n] buffers, stepped with one call per stage
+    (rotate + Adam, unrotate + apply, factor EMA) and copied back; refreshes stay per parameter.
+    """
+    plan = items[0].plan
+    left, right = plan.preconditioned
+    states = [item.state for item in items]
+    grads = torch.stack([item.grad for item in items])
+    q_left = torch.stack([s["bases"][0] for s in states]) if left else None
+    q_right = torch.stack([s["bases"][1] for s in states]) if right else None
+    exp_avg = torch.stack([s["exp_avg"] for s in states])
+    exp_avg_sq = torch.stack([s["exp_avg_sq"] for s in states])
+    steps = [_increment_step(s) for s in states]
+    beta1, beta2 = group["betas"]
+    precision = group["rotation_precision"]
+
+    direction = ops.rotate_adam_(
+        grads, q_left, q_right, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"], precision=precision
+    )
+    step_size = torch.tensor([_step_size(group, t) for t in steps], dtype=grads.dtype, device=grads.device)
+    params = torch.stack([plan.to_merged(item.param) for item in items])
+    ops.unrotate_apply_(
+        direction, q_left, q_right, params, step_size=step_size,
+        decay=float(group["lr"]) * group["weight_decay"], normalize=group["normalize_grads"], precision=precision,
+    )
+    factor_left = torch.stack([s["factors"][0] for s in states]) if left else None
+    factor_right = torch.stack([s["factors"][1] for s in states]) if right else None
+    ops.factor_ema_(factor_left, factor_right, grads, shampoo_beta)
+
+    for index, (item, state) in enumerate(zip(items, states)):
+        item.param.copy_(plan.from_merged(params[index]))
+        state["exp_avg"].copy_(exp_avg[index])
+        state["exp_avg_sq"].copy_(exp_avg_sq[index])
+        if left:
+            state["factors"][0].copy_(factor_left[index])
+        if right:
+            state["factors"][1].copy_(factor_right[index])
+        _maybe_refresh_(state, steps[index], group)
 
 
 def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: float) -> torch.Tensor:
