@@ -233,12 +233,11 @@ class Adam(SoapOptimizerBase):
                 continue
             state = self.state[param]
             if not state:
-                zeros = lambda: torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)  # noqa: E731
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = zeros()
-                state["exp_avg_sq"] = zeros()
+                state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param))
+                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = zeros()
+                    state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
                 # amsgrad switched on mid-run: the running maximum starts from the current moment.
                 state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()

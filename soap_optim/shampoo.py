@@ -81,8 +81,8 @@ class Shampoo(SoapOptimizerBase):
         &\theta_t = \theta_{t-1}(1 - \gamma\lambda) - \gamma u_t
         \end{aligned}
 
-    so a matrix gets :math:`L^{-1/4} \hat M R^{-1/4}` rescaled to the norm of Adam's step. With the
-    defaults, the first ``start_preconditioning_step - 1`` steps are exactly
+    so a matrix gets :math:`L^{-1/4} \hat M R^{-1/4}` rescaled to the norm of Adam's step. With
+    "adam" grafting, the first ``start_preconditioning_step - 1`` steps are exactly
     ``torch.optim.AdamW(lr, betas, eps, weight_decay)`` (eps after bias correction, decay
     :math:`\theta(1-\gamma\lambda)` before the update).
 
@@ -98,7 +98,11 @@ class Shampoo(SoapOptimizerBase):
             (the original Shampoo); below 1 they are an exponential moving average.
         eps: the graft's epsilon (Adam's).
         matrix_eps: :math:`\epsilon_F`, damping of each factor relative to its largest eigenvalue
-            (1e-6 caps the condition number of a damped factor at 1e6).
+            (it caps a damped factor's condition number at 1/matrix_eps). 1e-6 was measured on the
+            Kronecker quadratic of tests/test_shampoo.py (factor condition numbers ~1e5): 1e-8 and 1e-6
+            reach 1e-3 relative error in 152-156 steps (default exponent, lr=1) in float32 and float64
+            alike, 1e-4 needs 745, 1e-3 does not get there in 1000; 1e-6 stays clear of float32 eigh
+            rounding (~1e-7 of the largest eigenvalue).
         weight_decay: :math:`\lambda`, decoupled, applied in torch.optim.AdamW's order.
         precondition_frequency: :math:`f`, inverse roots are recomputed every ``f`` steps.
         start_preconditioning_step: :math:`t_0`, the first step that uses the roots (the first

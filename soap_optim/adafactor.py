@@ -1,0 +1,181 @@
+"""Adafactor (Shazeer & Stern, 2018) with an explicit learning rate.
+
+The factored second moment is kept as pure functions (:func:`update_factored_moments_`,
+:func:`factored_second_moment`) so that it can be checked alone and reused: the SOAP paper's
+observation is that Adafactor run in the eigenbasis of Shampoo's factors is Shampoo with power 1/2
+(see tests/test_adafactor.py).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .adam import decay_then_update_
+from .optimizer import SoapOptimizerBase, state_dtype
+from .validation import check_lr, check_non_negative, check_unit_interval
+
+
+def factored_shape(shape: Tuple[int, ...]) -> Optional[Tuple[int, int]]:
+    """The matrix a tensor is factored as: (shape[0], rest) for 2-D and up, None for 0-D/1-D.
+
+    Flattening the trailing axes (rather than factoring the last two, as the paper's code does for
+    n-D tensors) keeps a conv weight (O, I, kH, kW) at O + I*kH*kW numbers instead of O*I*(kH + kW).
+    """
+    if len(shape) < 2:
+        return None
+    return (shape[0], math.prod(shape[1:]))
+
+
+def update_factored_moments_(
+    row: torch.Tensor, col: torch.Tensor, grad: torch.Tensor, beta2: float, eps: float
+) -> None:
+    """In place, for a matrix gradient G (m x n):
+
+    row <- beta2 * row + (1 - beta2) * (G^2 + eps) 1_n      (length m)
+    col <- beta2 * col + (1 - beta2) * 1_m^T (G^2 + eps)    (length n)
+    """
+    squared = grad.square().add_(eps)
+    row.lerp_(squared.sum(dim=1), 1 - beta2)
+    col.lerp_(squared.sum(dim=0), 1 - beta2)
+
+
+def factored_second_moment(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """The rank-1 reconstruction V = row col^T / sum(row) (sum(row) == sum(col) for exact moments)."""
+    return torch.outer(row / row.sum(), col)
+
+
+def clip_by_rms_(update: torch.Tensor, d: float) -> torch.Tensor:
+    """In place: update / max(1, RMS(update) / d)."""
+    if update.numel() == 0:
+        return update
+    rms = update.square().mean().sqrt()
+    return update.div_(torch.clamp(rms / d, min=1.0))
+
+
+class Adafactor(SoapOptimizerBase):
+    r"""Adafactor with update clipping, optional momentum and decoupled weight decay.
+
+    For a gradient :math:`G` of a 2-D-or-more tensor, viewed as an :math:`m \times n` matrix
+    (``shape[0]`` by the product of the rest), with :math:`\mathbf{1}` a vector of ones:
+
+    .. math::
+        \begin{aligned}
+        &t \leftarrow t + 1, \quad \hat\beta_{2,t} = 1 - t^{c} \quad (c = \text{beta2\_decay}) \\
+        &r_t = \hat\beta_{2,t} r_{t-1} + (1-\hat\beta_{2,t})(G^2 + \epsilon_1)\mathbf{1}_n, \quad
+         c_t = \hat\beta_{2,t} c_{t-1} + (1-\hat\beta_{2,t})\mathbf{1}_m^\top(G^2 + \epsilon_1) \\
+        &\hat V_t = r_t c_t^\top / (\mathbf{1}_m^\top r_t)
+          \quad (\text{0-D/1-D: } \hat V_t = \hat\beta_{2,t} \hat V_{t-1}
+          + (1-\hat\beta_{2,t})(G^2 + \epsilon_1)) \\
+        &U_t = G / \sqrt{\hat V_t}, \quad \hat U_t = U_t / \max(1, \mathrm{RMS}(U_t) / d) \\
+        &m_t = \beta_1 m_{t-1} + (1-\beta_1)\hat U_t \text{ if } \beta_1 \text{ is set, else } m_t = \hat U_t \\
+        &\theta_t = \theta_{t-1}(1 - \gamma\lambda) - \gamma m_t
+        \end{aligned}
+
+    The schedule :math:`\hat\beta_{2,t} = 1 - t^{-0.8}` is the paper's; it starts at 0, so no bias
+    correction is needed. The step size :math:`\gamma` is ``lr`` as given (no relative step size, no
+    scaling by the parameter's RMS), and the momentum, as in the paper, has no bias correction.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\gamma`.
+        beta1: momentum of the clipped update, or ``None`` (default) for none (and no state for it).
+        beta2_decay: :math:`c \le 0` in :math:`\hat\beta_{2,t} = 1 - t^c` (torch.optim.Adafactor's name).
+        eps: :math:`\epsilon_1 > 0`, added to :math:`G^2` (the paper's 1e-30).
+        d: update clipping threshold on the RMS of :math:`U_t`.
+        weight_decay: :math:`\lambda`, decoupled, applied in torch.optim.AdamW's order.
+        maximize: maximize the objective instead of minimizing it.
+
+    State per parameter: ``step``; ``exp_avg_sq_row`` (m) and ``exp_avg_sq_col`` (n) for factored
+    tensors, ``exp_avg_sq`` (parameter-shaped) otherwise; ``exp_avg`` when ``beta1`` is set.
+    Floating state is float32 (float64 for float64 parameters).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        beta1: Optional[float] = None,
+        beta2_decay: float = -0.8,
+        eps: float = 1e-30,
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        if group["beta1"] is not None:
+            check_unit_interval("beta1", group["beta1"])
+        decay = group["beta2_decay"]
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not (decay <= 0 and math.isfinite(decay)):
+            raise ValueError(f"Invalid beta2_decay: {decay!r} (must be a finite number <= 0)")
+        for name in ("eps", "d"):
+            check_non_negative(name, group[name])
+            if not group[name] > 0:
+                raise ValueError(f"Invalid {name}: {group[name]!r} (must be > 0)")
+        check_non_negative("weight_decay", group["weight_decay"])
+
+    def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
+        matrix = factored_shape(tuple(param.shape))
+        if matrix is None:
+            shapes = {"exp_avg_sq": tuple(param.shape)}
+        else:
+            shapes = {"exp_avg_sq_row": (matrix[0],), "exp_avg_sq_col": (matrix[1],)}
+        if group["beta1"] is not None:
+            shapes["exp_avg"] = tuple(param.shape)
+        return shapes
+
+    def _step_group(self, group: Dict[str, Any]) -> None:
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            grad = param.grad.to(state_dtype(param))
+            if group["maximize"]:
+                grad = -grad
+            state = self.state[param]
+            matrix = factored_shape(tuple(param.shape))
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                if matrix is None:
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                else:
+                    state["exp_avg_sq_row"] = grad.new_zeros(matrix[0])
+                    state["exp_avg_sq_col"] = grad.new_zeros(matrix[1])
+            if group["beta1"] is not None and "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(grad)
+            update = adafactor_direction_(grad, state, matrix, group)
+            lr = float(group["lr"])
+            decay_then_update_(param, update, lr, lr * group["weight_decay"])
+
+
+def adafactor_direction_(
+    grad: torch.Tensor, state: Dict[str, Any], matrix: Optional[Tuple[int, int]], group: Dict[str, Any]
+) -> torch.Tensor:
+    """Advance one parameter's state with ``grad`` and return its (clipped, averaged) update."""
+    state["step"] += 1
+    step = state["step"].item()
+    beta2 = 1.0 - step ** group["beta2_decay"]
+    eps = group["eps"]
+    if matrix is None:
+        exp_avg_sq = state["exp_avg_sq"]
+        exp_avg_sq.lerp_(grad.square().add_(eps), 1 - beta2)
+        update = grad / exp_avg_sq.sqrt()
+    else:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        grad_matrix = grad.reshape(matrix)
+        update_factored_moments_(row, col, grad_matrix, beta2, eps)
+        update = (grad_matrix / factored_second_moment(row, col).sqrt_()).reshape(grad.shape)
+    clip_by_rms_(update, group["d"])
+    if group["beta1"] is None:
+        return update
+    exp_avg = state["exp_avg"]
+    exp_avg.lerp_(update, 1 - group["beta1"])
+    return exp_avg

@@ -1,0 +1,106 @@
+"""extras: orthogonalize_grad_ and param_groups_for_weight_decay."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from soap_optim.adam import AdamW
+from soap_optim.extras import orthogonalize_grad_, param_groups_for_weight_decay
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------- orthogonalize_grad_
+@pytest.mark.parametrize("shape", [(5,), (4, 3), (2, 3, 4)])
+def test_orthogonalized_grad_is_perpendicular_with_the_same_norm(shape):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen, dtype=F64)
+    g = torch.randn(shape, generator=gen, dtype=F64) + 0.7 * w  # a clear component along w
+    original = g.clone()
+    result = orthogonalize_grad_(w, g)
+    assert result is g
+    assert abs(torch.dot(w.flatten(), g.flatten()).item()) < 1e-12 * w.norm().item() * g.norm().item()
+    assert g.norm().item() == pytest.approx(original.norm().item(), rel=1e-14)
+    # Closed form: g_perp = g - <w,g>/<w,w> w, rescaled to ||g||.
+    perp = original - (torch.dot(w.flatten(), original.flatten()) / torch.dot(w.flatten(), w.flatten())) * w
+    torch.testing.assert_close(g, perp * original.norm() / perp.norm(), atol=1e-14, rtol=0)
+
+
+def test_zero_param_leaves_grad_unchanged():
+    g = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    original = g.clone()
+    orthogonalize_grad_(torch.zeros(4, 3), g)
+    assert torch.equal(g, original)
+
+
+def test_grad_already_perpendicular_is_unchanged():
+    w = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    g = torch.tensor([0.0, 2.0, -1.0], dtype=F64)
+    orthogonalize_grad_(w, g)
+    assert torch.equal(g, torch.tensor([0.0, 2.0, -1.0], dtype=F64))
+
+
+def test_grad_parallel_to_param_becomes_zero():
+    w = torch.tensor([1.0, 2.0, 2.0], dtype=F64)
+    g = -3 * w.clone()
+    orthogonalize_grad_(w, g)
+    assert g.abs().max().item() < 1e-12
+
+
+def test_low_precision_grad_is_updated_in_its_dtype():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 8, generator=gen).to(torch.bfloat16)
+    g = (torch.randn(8, 8, generator=gen) + w.float()).to(torch.bfloat16)
+    orthogonalize_grad_(w, g)
+    assert g.dtype == torch.bfloat16
+    cosine = torch.dot(w.float().flatten(), g.float().flatten()) / (w.float().norm() * g.float().norm())
+    assert abs(cosine.item()) < 1e-2
+
+
+def test_shape_mismatch_is_a_value_error():
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        orthogonalize_grad_(torch.zeros(2), torch.zeros(3))
+
+
+# ----------------------------------------------------------------- param_groups_for_weight_decay
+class _Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied: an embedding, so not decayed
+        self.scale = nn.Parameter(torch.ones(()))
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups_split_decayed_from_not_decayed():
+    model = _Small()
+    groups = param_groups_for_weight_decay(model, 0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    decayed, not_decayed = ({id(p) for p in g["params"]} for g in groups)
+    assert decayed == {id(model.conv.weight), id(model.proj.weight)}
+    assert not_decayed == {
+        id(p) for p in (model.embed.weight, model.conv.bias, model.norm.weight, model.norm.bias, model.proj.bias,
+                        model.scale)
+    }
+    # Every trainable parameter exactly once, in model.parameters() order.
+    listed = [p for g in groups for p in g["params"]]
+    assert len(listed) == len({id(p) for p in listed})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in listed} == {id(p) for p in trainable}
+    for group in groups:
+        order = [next(i for i, q in enumerate(trainable) if q is p) for p in group["params"]]
+        assert order == sorted(order)
+    # The groups are what an optimizer takes.
+    AdamW(groups, lr=1e-3)
+
+
+def test_param_groups_leave_out_empty_groups_and_check_weight_decay():
+    assert [g["weight_decay"] for g in param_groups_for_weight_decay(nn.LayerNorm(4), 0.1)] == [0.0]
+    with pytest.raises(ValueError, match="-1"):
+        param_groups_for_weight_decay(nn.Linear(2, 2), -1.0)
