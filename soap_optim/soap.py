@@ -18,6 +18,7 @@ from .eigenbasis import (
     update_factors_,
     zero_factors,
 )
+from .buckets import stacked_state
 from .dispatch import resolve_ops
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import (
@@ -327,17 +328,17 @@ def _maybe_refresh_(state: Dict[str, Any], step: int, group: Dict[str, Any]) -> 
 def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops) -> None:
     """One SOAP step for a bucket of same-shaped 2-D (merged) parameters, through batched ops.
 
-    The bucket's tensors are stacked into [B, m, n] buffers, stepped with one call per stage
-    (rotate + Adam, unrotate + apply, factor EMA) and copied back; refreshes stay per parameter.
+    State lives in stacked [B, ...] buffers (see ``buckets``); gradients and parameters are stacked
+    for the step and parameters copied back. Refreshes stay per parameter.
     """
     plan = items[0].plan
     left, right = plan.preconditioned
     states = [item.state for item in items]
     grads = torch.stack([item.grad for item in items])
-    q_left = torch.stack([s["bases"][0] for s in states]) if left else None
-    q_right = torch.stack([s["bases"][1] for s in states]) if right else None
-    exp_avg = torch.stack([s["exp_avg"] for s in states])
-    exp_avg_sq = torch.stack([s["exp_avg_sq"] for s in states])
+    q_left = stacked_state(states, "bases", 0) if left else None
+    q_right = stacked_state(states, "bases", 1) if right else None
+    exp_avg = stacked_state(states, "exp_avg")
+    exp_avg_sq = stacked_state(states, "exp_avg_sq")
     steps = [_increment_step(s) for s in states]
     beta1, beta2 = group["betas"]
     precision = group["rotation_precision"]
@@ -351,19 +352,20 @@ def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta:
         direction, q_left, q_right, params, step_size=step_size,
         decay=float(group["lr"]) * group["weight_decay"], normalize=group["normalize_grads"], precision=precision,
     )
-    factor_left = torch.stack([s["factors"][0] for s in states]) if left else None
-    factor_right = torch.stack([s["factors"][1] for s in states]) if right else None
-    ops.factor_ema_(factor_left, factor_right, grads, shampoo_beta)
-
+    ops.factor_ema_(
+        stacked_state(states, "factors", 0) if left else None,
+        stacked_state(states, "factors", 1) if right else None,
+        grads,
+        shampoo_beta,
+    )
     for index, (item, state) in enumerate(zip(items, states)):
         item.param.copy_(plan.from_merged(params[index]))
-        state["exp_avg"].copy_(exp_avg[index])
-        state["exp_avg_sq"].copy_(exp_avg_sq[index])
-        if left:
-            state["factors"][0].copy_(factor_left[index])
-        if right:
-            state["factors"][1].copy_(factor_right[index])
+        rows = list(state["bases"])
         _maybe_refresh_(state, steps[index], group)
+        for axis, row in enumerate(rows):
+            if row is not None and state["bases"][axis] is not row:
+                # keep the refreshed basis in its row of the bucket's buffer
+                state["bases"][axis] = row.copy_(state["bases"][axis])
 
 
 def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: float) -> torch.Tensor:

@@ -1,0 +1,42 @@
+"""Same-shaped state tensors of a param group kept as rows of one stacked buffer.
+
+The batched path steps a bucket of B same-shaped parameters with one call per stage on [B, ...]
+tensors. Stacking the state afresh every step would copy every factor and basis (B d^2 numbers each)
+twice per step; instead each parameter's state entry *is* a row view of one buffer, so once a bucket
+is formed its buffers are used in place. A bucket whose membership changes (a parameter without a
+gradient this step) is re-stacked once, by copy.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+
+def _stacked_base(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The [B, ...] tensor whose rows are exactly ``tensors``, in order, or None."""
+    base = tensors[0]._base
+    if base is None or not base.is_contiguous() or tuple(base.shape) != (len(tensors), *tensors[0].shape):
+        return None
+    row_bytes = base.stride(0) * base.element_size()
+    for index, tensor in enumerate(tensors):
+        if tensor._base is not base or tensor.data_ptr() != base.data_ptr() + index * row_bytes:
+            return None
+    return base
+
+
+def stacked_state(states: Sequence[Dict[str, Any]], key: str, index: Optional[int] = None) -> torch.Tensor:
+    """[B, ...] buffer of ``state[key]`` (or ``state[key][index]``) over ``states``; rows are the entries.
+
+    Entries that are not yet rows of one buffer are stacked into a new one and replaced by its rows.
+    """
+    tensors: List[torch.Tensor] = [s[key] if index is None else s[key][index] for s in states]
+    base = _stacked_base(tensors)
+    if base is None:
+        base = torch.stack(tensors)
+        for row, state in enumerate(states):
+            if index is None:
+                state[key] = base[row]
+            else:
+                state[key][index] = base[row]
+    return base
