@@ -1,0 +1,687 @@
+"""The fused SOAP-step kernels (soap_optim.kernels): each Triton launcher against its pure-PyTorch twin,
+and each twin against float64 formulas written out here.
+
+The Triton kernels run on the CPU through Triton's interpreter, which must be switched on before triton
+is imported (kernels are built for the interpreter or the GPU when their module is imported). Shapes are
+kept small (<= 40, tiles of 16 under the interpreter) because the interpreter is slow. Checks that need
+the real compiler or a GPU run in subprocesses without the interpreter: compiling every kernel for sm_90
+(no GPU needed), and parity/speed on CUDA (skipped without a GPU).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, here or by anything below
+
+import copy
+import importlib
+import pathlib
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot be tested")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import soap_optim.kernels as kernels  # noqa: E402
+from soap_optim.kernels import reference  # noqa: E402
+
+if not importlib.import_module("soap_optim.kernels._triton_common").INTERPRETED:
+    pytest.skip("the Triton kernels were imported before TRITON_INTERPRET=1 was set in this process",
+                allow_module_level=True)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+fused = kernels.get_ops(True)
+twin = kernels.get_ops(False)
+
+# (B, m, n): one element, primes, square, tall, wide, not multiples of the 16-wide interpreter tiles.
+SHAPES = [(1, 1, 1), (3, 7, 13), (1, 17, 17), (3, 33, 5), (1, 5, 33), (3, 13, 7)]
+SIDES = ["both", "left", "right", "none"]
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Kernel vs twin, per dtype of the stored result. Low-precision results may differ by one unit in the
+# last place where the fp32 values (which agree to ~1e-6) straddle a rounding boundary.
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-3),
+    torch.float16: dict(rtol=2e-3, atol=1e-4),
+}
+# Moments and direction under precision="bf16": both sides round the same operands to bf16, but the
+# intermediate of a two-sided rotation is rounded after an fp32 sum whose order differs.
+ROTATION_TOL = {"fp32": TOL[torch.float32], "tf32": TOL[torch.float32], "bf16": dict(rtol=1e-2, atol=1e-2)}
+
+
+def _generator(*key):
+    """A generator seeded from the test's parameters (crc32: str hashes change between runs)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _orthonormal(batch, dim, gen, dtype=torch.float32):
+    return torch.linalg.qr(torch.randn(batch, dim, dim, generator=gen, dtype=torch.float64))[0].to(dtype)
+
+
+def _bases(batch, m, n, sides, gen, dtype=torch.float32):
+    q_left = _orthonormal(batch, m, gen, dtype) if sides in ("both", "left") else None
+    q_right = _orthonormal(batch, n, gen, dtype) if sides in ("both", "right") else None
+    return q_left, q_right
+
+
+def _moments(batch, m, n, gen, dtype=torch.float32):
+    # exp_avg_sq bounded away from 0 so the direction m / sqrt(v) is well conditioned.
+    exp_avg = torch.randn(batch, m, n, generator=gen, dtype=dtype)
+    exp_avg_sq = torch.rand(batch, m, n, generator=gen, dtype=dtype) + 0.5
+    return exp_avg, exp_avg_sq
+
+
+def _assert_close(actual, expected, tol):
+    torch.testing.assert_close(actual.float(), expected.float(), **tol)
+
+
+# ============================================================================ twins vs float64 formulas
+@pytest.mark.parametrize("beta", [0.0, 0.9, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_twin_factor_ema_matches_float64_formula(beta, dtype):
+    gen = _generator("twin-factor", beta)
+    g = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
+    left0 = torch.randn(3, 6, 6, generator=gen, dtype=torch.float64)
+    right0 = torch.randn(3, 4, 4, generator=gen, dtype=torch.float64)
+    left, right = left0.to(dtype, copy=True), right0.to(dtype, copy=True)
+    reference.factor_ema_(left, right, g.to(dtype), beta)
+    blend = 1.0 if beta == 1.0 else 1.0 - beta
+    keep = 1.0 if beta == 1.0 else beta
+    expected_left = keep * left0 + blend * torch.einsum("bik,bjk->bij", g, g)
+    expected_right = keep * right0 + blend * torch.einsum("bki,bkj->bij", g, g)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(left.double(), expected_left, **tol)
+    torch.testing.assert_close(right.double(), expected_right, **tol)
+
+
+@pytest.mark.parametrize("sides", SIDES)
+def test_twin_rotate_adam_matches_float64_formula(sides):
+    gen = _generator("twin-rotate", sides)
+    batch, m, n = 2, 5, 7
+    g = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
+    q_left, q_right = _bases(batch, m, n, sides, gen, torch.float64)
+    exp_avg0, exp_avg_sq0 = _moments(batch, m, n, gen, torch.float64)
+    beta1, beta2, eps = 0.9, 0.95, 1e-8
+    rotated = g
+    if q_left is not None:
+        rotated = torch.einsum("bki,bkj->bij", q_left, rotated)
+    if q_right is not None:
+        rotated = torch.einsum("bik,bkj->bij", rotated, q_right)
+    expected_m = beta1 * exp_avg0 + (1 - beta1) * rotated
+    expected_v = beta2 * exp_avg_sq0 + (1 - beta2) * rotated**2
+    expected_d = expected_m / (expected_v.sqrt() + eps)
+    for dtype, tol in ((torch.float64, dict(rtol=1e-12, atol=1e-12)), (torch.float32, dict(rtol=1e-5, atol=1e-5))):
+        exp_avg, exp_avg_sq = exp_avg0.to(dtype, copy=True), exp_avg_sq0.to(dtype, copy=True)
+        cast = [None if q is None else q.to(dtype) for q in (q_left, q_right)]
+        direction = reference.rotate_adam_(
+            g.to(dtype), *cast, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps
+        )
+        assert direction.dtype == dtype
+        torch.testing.assert_close(exp_avg.double(), expected_m, **tol)
+        torch.testing.assert_close(exp_avg_sq.double(), expected_v, **tol)
+        torch.testing.assert_close(direction.double(), expected_d, **tol)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("sides", SIDES)
+def test_twin_unrotate_apply_matches_float64_formula(sides, normalize):
+    gen = _generator("twin-unrotate", sides, normalize)
+    batch, m, n = 2, 6, 3
+    direction = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
+    q_left, q_right = _bases(batch, m, n, sides, gen, torch.float64)
+    params0 = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
+    step_size = torch.tensor([0.3, 0.05], dtype=torch.float64)
+    decay = 0.1
+    update = direction
+    if q_left is not None:
+        update = torch.einsum("bik,bkj->bij", q_left, update)
+    if q_right is not None:
+        update = torch.einsum("bik,bjk->bij", update, q_right)
+    if normalize:  # from U itself, per matrix
+        update = update / (1e-30 + update.pow(2).mean(dim=(1, 2), keepdim=True).sqrt())
+    expected = (1 - decay) * (params0 - step_size.view(-1, 1, 1) * update)
+    for dtype, tol in ((torch.float64, dict(rtol=1e-12, atol=1e-12)), (torch.float32, dict(rtol=1e-5, atol=1e-5))):
+        params = params0.to(dtype, copy=True)
+        cast = [None if q is None else q.to(dtype) for q in (q_left, q_right)]
+        reference.unrotate_apply_(
+            direction.to(dtype), *cast, params, step_size=step_size.to(dtype), decay=decay, normalize=normalize
+        )
+        torch.testing.assert_close(params.double(), expected, **tol)
+
+
+def test_twin_normalize_uses_the_norm_of_u_not_of_the_direction():
+    """With a non-orthonormal basis ||Q N|| != ||N||: the twin must normalise U itself."""
+    direction = torch.ones(1, 2, 2, dtype=torch.float64)
+    q_left = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    params = torch.zeros(1, 2, 2, dtype=torch.float64)
+    reference.unrotate_apply_(direction, q_left, None, params, step_size=torch.ones(1, dtype=torch.float64),
+                              decay=0.0, normalize=True)
+    update = torch.tensor([[2.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(params[0], -update / update.pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("decay_first", [False, True])
+@pytest.mark.parametrize("step_as_tensor", [False, True])
+def test_twin_adam_matches_float64_formula(decay_first, step_as_tensor):
+    gen = _generator("twin-adam", decay_first, step_as_tensor)
+    shapes = [(4, 3), (7,), ()]
+    p0 = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    g = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    m0 = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    v0 = [torch.rand(s, generator=gen, dtype=torch.float64) for s in shapes]
+    beta1, beta2, eps, step, scale, decay = 0.9, 0.99, 1e-8, 0.01, 1.7, 0.2
+    params, exp_avg, exp_avg_sq = copy.deepcopy(p0), copy.deepcopy(m0), copy.deepcopy(v0)
+    reference.adam_(
+        params, g, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps,
+        step_size=torch.tensor(step, dtype=torch.float64) if step_as_tensor else step,
+        denom_scale=scale, decay=decay, decay_first=decay_first,
+    )
+    for i in range(len(shapes)):
+        m = beta1 * m0[i] + (1 - beta1) * g[i]
+        v = beta2 * v0[i] + (1 - beta2) * g[i] ** 2
+        u = m / (v.sqrt() * scale + eps)
+        p = p0[i] * (1 - decay) - step * u if decay_first else (1 - decay) * (p0[i] - step * u)
+        torch.testing.assert_close(exp_avg[i], m, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(exp_avg_sq[i], v, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(params[i], p, rtol=1e-12, atol=1e-12)
+
+
+def test_twin_precisions():
+    """tf32 is fp32 in the twin; bf16 rounds the products' inputs (close to fp32, not equal)."""
+    gen = _generator("twin-precision")
+    g = torch.randn(2, 9, 6, generator=gen)
+    q_left, q_right = _bases(2, 9, 6, "both", gen)
+    results = {}
+    for precision in reference.PRECISIONS:
+        exp_avg, exp_avg_sq = _moments(2, 9, 6, _generator("moments"))
+        reference.rotate_adam_(g, q_left, q_right, exp_avg, exp_avg_sq, beta1=0.0, beta2=0.0, eps=0.0,
+                               precision=precision)
+        results[precision] = exp_avg
+    assert torch.equal(results["tf32"], results["fp32"])
+    assert not torch.equal(results["bf16"], results["fp32"])
+    torch.testing.assert_close(results["bf16"], results["fp32"], rtol=0, atol=0.05)
+
+
+def test_twins_agree_with_the_optimizers_projection_and_update_order():
+    """The twins encode SOAP's step: project, Adam, project_back, p <- (1 - decay)(p - step u)."""
+    from soap_optim.eigenbasis import project, project_back
+
+    gen = _generator("twin-soap")
+    batch, m, n = 2, 5, 4
+    g = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
+    q_left, q_right = _bases(batch, m, n, "both", gen, torch.float64)
+    exp_avg, exp_avg_sq = _moments(batch, m, n, gen, torch.float64)
+    params = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
+    expected_params = params.clone()
+    expected_m, expected_v = exp_avg.clone(), exp_avg_sq.clone()
+    direction = reference.rotate_adam_(g, q_left, q_right, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.95, eps=1e-8)
+    reference.unrotate_apply_(direction, q_left, q_right, params, step_size=torch.full((batch,), 0.1,
+                              dtype=torch.float64), decay=0.01)
+    for b in range(batch):
+        bases = [q_left[b], q_right[b]]
+        rotated = project(g[b], bases)
+        expected_m[b].mul_(0.9).add_(rotated, alpha=0.1)
+        expected_v[b].mul_(0.95).addcmul_(rotated, rotated, value=0.05)
+        update = project_back(expected_m[b] / (expected_v[b].sqrt() + 1e-8), bases)
+        expected_params[b] = (1 - 0.01) * (expected_params[b] - 0.1 * update)
+    torch.testing.assert_close(exp_avg, expected_m, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(params, expected_params, rtol=1e-12, atol=1e-12)
+
+
+# ============================================================================ kernels vs twins
+@pytest.mark.parametrize("beta", [0.95, 1.0])
+@pytest.mark.parametrize("grad_dtype", PARAM_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_factor_ema_kernel_matches_twin(shape, grad_dtype, beta):
+    gen = _generator("factor", shape, grad_dtype, beta)
+    batch, m, n = shape
+    g = torch.randn(shape, generator=gen).to(grad_dtype)
+    left = torch.randn(batch, m, m, generator=gen)
+    right = torch.randn(batch, n, n, generator=gen)  # not symmetric: the mirrored tiles must blend their own values
+    expected_left, expected_right = left.clone(), right.clone()
+    twin.factor_ema_(expected_left, expected_right, g, beta)
+    fused.factor_ema_(left, right, g, beta)
+    _assert_close(left, expected_left, TOL[torch.float32])
+    _assert_close(right, expected_right, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_factor_ema_kernel_one_sided(side):
+    gen = _generator("factor-one-sided", side)
+    g = torch.randn(3, 33, 7, generator=gen)
+    dim = 33 if side == "left" else 7
+    factor = torch.randn(3, dim, dim, generator=gen)
+    expected = factor.clone()
+    if side == "left":
+        twin.factor_ema_(expected, None, g, 0.9)
+        fused.factor_ema_(factor, None, g, 0.9)
+    else:
+        twin.factor_ema_(None, expected, g, 0.9)
+        fused.factor_ema_(None, factor, g, 0.9)
+    _assert_close(factor, expected, TOL[torch.float32])
+
+
+def test_factor_ema_upper_triangle_equals_full_square():
+    factor_ema = importlib.import_module("soap_optim.kernels.factor_ema")
+    gen = _generator("factor-symmetry")
+    g = torch.randn(2, 40, 9, generator=gen)
+    base = torch.randn(2, 40, 40, generator=gen)
+    upper, full = base.clone(), base.clone()
+    factor_ema.factor_ema_impl(upper, None, g, 0.8, upper_only=True)
+    factor_ema.factor_ema_impl(full, None, g, 0.8, upper_only=False)
+    torch.testing.assert_close(upper, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rotate_adam_kernel_matches_twin(shape, sides):
+    _check_rotate(shape, sides, torch.float32, "fp32")
+
+
+@pytest.mark.parametrize("grad_dtype", PARAM_DTYPES)
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("sides", ["both", "right"])
+def test_rotate_adam_kernel_precisions_and_grad_dtypes(sides, precision, grad_dtype):
+    _check_rotate((3, 13, 7), sides, grad_dtype, precision)
+
+
+def _check_rotate(shape, sides, grad_dtype, precision):
+    gen = _generator("rotate", shape, sides, grad_dtype, precision)
+    batch, m, n = shape
+    g = torch.randn(shape, generator=gen).to(grad_dtype)
+    q_left, q_right = _bases(batch, m, n, sides, gen)
+    exp_avg, exp_avg_sq = _moments(batch, m, n, gen)
+    expected_m, expected_v = exp_avg.clone(), exp_avg_sq.clone()
+    kwargs = dict(beta1=0.9, beta2=0.95, eps=1e-8, precision=precision)
+    expected_d = twin.rotate_adam_(g, q_left, q_right, expected_m, expected_v, **kwargs)
+    direction = fused.rotate_adam_(g, q_left, q_right, exp_avg, exp_avg_sq, **kwargs)
+    assert direction.dtype == torch.float32 and direction.shape == shape
+    tol = ROTATION_TOL[precision]
+    _assert_close(exp_avg, expected_m, tol)
+    _assert_close(exp_avg_sq, expected_v, tol)
+    _assert_close(direction, expected_d, tol)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_unrotate_apply_kernel_matches_twin(shape, sides, normalize):
+    _check_unrotate(shape, sides, torch.float32, normalize, 0.1, "fp32")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
+def test_unrotate_apply_kernel_param_dtypes(param_dtype, normalize, decay, precision):
+    _check_unrotate((3, 17, 6), "both", param_dtype, normalize, decay, precision)
+
+
+def _check_unrotate(shape, sides, param_dtype, normalize, decay, precision):
+    gen = _generator("unrotate", shape, sides, param_dtype, normalize, decay, precision)
+    batch, m, n = shape
+    direction = torch.randn(shape, generator=gen)
+    q_left, q_right = _bases(batch, m, n, sides, gen)
+    params = torch.randn(shape, generator=gen).to(param_dtype)
+    step_size = torch.rand(batch, generator=gen) + 0.1
+    expected = params.clone()
+    kwargs = dict(step_size=step_size, decay=decay, normalize=normalize, precision=precision)
+    twin.unrotate_apply_(direction, q_left, q_right, expected, **kwargs)
+    fused.unrotate_apply_(direction, q_left, q_right, params, **kwargs)
+    assert params.dtype == param_dtype
+    tol = dict(TOL[param_dtype])
+    if precision == "bf16" and param_dtype == torch.float32:
+        tol = ROTATION_TOL["bf16"]
+    _assert_close(params, expected, tol)
+
+
+def test_unrotate_apply_kernel_normalizes_by_the_norm_of_u():
+    """A non-orthonormal basis: normalising by ||N|| instead of ||U|| would be off by a factor ~2."""
+    gen = _generator("unrotate-nonorthonormal")
+    direction = torch.randn(2, 9, 5, generator=gen)
+    q_left = torch.randn(2, 9, 9, generator=gen) * 2.0
+    params = torch.zeros(2, 9, 5)
+    step_size = torch.ones(2)
+    fused.unrotate_apply_(direction, q_left, None, params, step_size=step_size, decay=0.0, normalize=True)
+    update = torch.einsum("bik,bkj->bij", q_left.double(), direction.double())
+    expected = -update / update.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+    torch.testing.assert_close(params.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("decay_first", [False, True])
+@pytest.mark.parametrize("step_as_tensor", [False, True])
+def test_adam_kernel_matches_twin(step_as_tensor, decay_first, decay):
+    gen = _generator("adam", step_as_tensor, decay_first, decay)
+    # 300 elements span three 128-element interpreter blocks with a ragged last one.
+    shapes_and_dtypes = [((5, 7), torch.float32), ((33,), torch.bfloat16), ((300,), torch.float16), ((), torch.float32)]
+    params = [torch.randn(s, generator=gen).to(d) for s, d in shapes_and_dtypes]
+    grads = [torch.randn(s, generator=gen).to(d) for s, d in shapes_and_dtypes]
+    exp_avg = [torch.randn(s, generator=gen) for s, _ in shapes_and_dtypes]
+    exp_avg_sq = [torch.rand(s, generator=gen) for s, _ in shapes_and_dtypes]
+    expected = copy.deepcopy((params, grads, exp_avg, exp_avg_sq))
+    kwargs = dict(beta1=0.9, beta2=0.99, eps=1e-8, denom_scale=1.3, decay=decay, decay_first=decay_first,
+                  step_size=torch.tensor(0.02) if step_as_tensor else 0.02)
+    twin.adam_(*expected, **kwargs)
+    fused.adam_(params, grads, exp_avg, exp_avg_sq, **kwargs)
+    for i, (_, dtype) in enumerate(shapes_and_dtypes):
+        _assert_close(params[i], expected[0][i], TOL[dtype])
+        _assert_close(exp_avg[i], expected[2][i], TOL[torch.float32])
+        _assert_close(exp_avg_sq[i], expected[3][i], TOL[torch.float32])
+
+
+def test_adam_kernel_single_tensor():
+    p, g = torch.randn(50), torch.randn(50)
+    m, v = torch.zeros(50), torch.zeros(50)
+    expected = [t.clone() for t in (p, g, m, v)]
+    twin.adam_(*expected, beta1=0.9, beta2=0.99, eps=1e-8, step_size=0.1)
+    fused.adam_(p, g, m, v, beta1=0.9, beta2=0.99, eps=1e-8, step_size=0.1)
+    _assert_close(p, expected[0], TOL[torch.float32])
+
+
+def _soap_steps(ops, state, grads, *, precision, normalize):
+    """A few SOAP steps on a bucket through one set of ops (bases fixed, as between refreshes)."""
+    for t, g in enumerate(grads, start=1):
+        direction = ops.rotate_adam_(g, state["q_left"], state["q_right"], state["exp_avg"], state["exp_avg_sq"],
+                                     beta1=0.9, beta2=0.95, eps=1e-8, precision=precision)
+        step_size = torch.full((g.shape[0],), 0.01 * (1 - 0.95**t) ** 0.5 / (1 - 0.9**t))
+        ops.unrotate_apply_(direction, state["q_left"], state["q_right"], state["params"], step_size=step_size,
+                            decay=0.001, normalize=normalize, precision=precision)
+        ops.factor_ema_(state["left"], state["right"], g, 0.95)
+
+
+@pytest.mark.parametrize("precision,normalize", [("fp32", False), ("bf16", True)])
+def test_fused_steps_match_twin_steps(precision, normalize):
+    """Parity over several steps: parameters and every state tensor."""
+    gen = _generator("steps", precision)
+    batch, m, n = 2, 19, 11
+    q_left, q_right = _bases(batch, m, n, "both", gen)
+    start = dict(
+        q_left=q_left, q_right=q_right, params=torch.randn(batch, m, n, generator=gen).to(torch.bfloat16),
+        exp_avg=torch.zeros(batch, m, n), exp_avg_sq=torch.zeros(batch, m, n),
+        left=torch.zeros(batch, m, m), right=torch.zeros(batch, n, n),
+    )
+    grads = [torch.randn(batch, m, n, generator=gen) for _ in range(3)]
+    state_fused, state_twin = copy.deepcopy(start), copy.deepcopy(start)
+    _soap_steps(fused, state_fused, grads, precision=precision, normalize=normalize)
+    _soap_steps(twin, state_twin, grads, precision=precision, normalize=normalize)
+    for key in start:
+        tol = TOL[torch.bfloat16] if key == "params" else ROTATION_TOL[precision]
+        _assert_close(state_fused[key], state_twin[key], tol)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 3), m=st.integers(1, 20), n=st.integers(1, 20),
+    sides=st.sampled_from(SIDES), param_dtype=st.sampled_from(PARAM_DTYPES), normalize=st.booleans(),
+)
+def test_fused_step_matches_twin_on_drawn_shapes(batch, m, n, sides, param_dtype, normalize):
+    gen = _generator("drawn", batch, m, n, sides)
+    g = torch.randn(batch, m, n, generator=gen)
+    q_left, q_right = _bases(batch, m, n, sides, gen)
+    start = dict(
+        q_left=q_left, q_right=q_right, params=torch.randn(batch, m, n, generator=gen).to(param_dtype),
+        exp_avg=torch.randn(batch, m, n, generator=gen), exp_avg_sq=torch.rand(batch, m, n, generator=gen) + 0.5,
+        left=None if q_left is None else torch.zeros(batch, m, m),
+        right=None if q_right is None else torch.zeros(batch, n, n),
+    )
+    state_fused, state_twin = copy.deepcopy(start), copy.deepcopy(start)
+    _soap_steps(fused, state_fused, [g], precision="fp32", normalize=normalize)
+    _soap_steps(twin, state_twin, [g], precision="fp32", normalize=normalize)
+    for key, value in state_twin.items():
+        if value is not None:
+            _assert_close(state_fused[key], value, TOL[value.dtype])
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (2, 3, 0)])
+def test_empty_buckets_match_twin(shape):
+    """No element to update: nothing launched, except that an empty Gram still scales F by beta."""
+    batch, m, n = shape
+    g = torch.randn(shape)
+    factors = [torch.ones(batch, m, m), torch.ones(batch, n, n)]
+    expected = [f.clone() for f in factors]
+    fused.factor_ema_(*factors, g, 0.5)
+    twin.factor_ema_(*expected, g, 0.5)
+    for actual, wanted in zip(factors, expected):
+        torch.testing.assert_close(actual, wanted)
+    direction = fused.rotate_adam_(g, None, torch.eye(n).expand(batch, n, n), torch.zeros(shape), torch.zeros(shape),
+                                   beta1=0.9, beta2=0.9, eps=1e-8)
+    assert direction.shape == shape
+    fused.unrotate_apply_(direction, None, None, torch.zeros(shape), step_size=torch.ones(batch), decay=0.0,
+                          normalize=True)
+
+
+# ============================================================================ argument errors
+@pytest.mark.parametrize("ops_name", ["fused", "twin"])
+def test_bad_arguments_raise_value_error(ops_name):
+    ops = fused if ops_name == "fused" else twin
+    g = torch.randn(2, 4, 3)
+    m, v = torch.zeros(2, 4, 3), torch.zeros(2, 4, 3)
+    with pytest.raises(ValueError, match="grad"):
+        ops.factor_ema_(None, None, torch.randn(4, 3), 0.9)
+    with pytest.raises(ValueError, match="left"):
+        ops.factor_ema_(torch.zeros(2, 3, 3), None, g, 0.9)
+    with pytest.raises(ValueError, match="beta"):
+        ops.factor_ema_(None, torch.zeros(2, 3, 3), g, 1.5)
+    with pytest.raises(ValueError, match="q_right"):
+        ops.rotate_adam_(g, None, torch.eye(4).expand(2, 4, 4), m, v, beta1=0.9, beta2=0.9, eps=1e-8)
+    with pytest.raises(ValueError, match="precision"):
+        ops.rotate_adam_(g, None, None, m, v, beta1=0.9, beta2=0.9, eps=1e-8, precision="fp8")
+    with pytest.raises(ValueError, match="step_size"):
+        ops.unrotate_apply_(m, None, None, g.clone(), step_size=0.1, decay=0.0)
+    with pytest.raises(ValueError, match="same length"):
+        ops.adam_([g], [g, g], [m], [v], beta1=0.9, beta2=0.9, eps=1e-8, step_size=0.1)
+
+
+def test_fused_rejects_float64_state_and_noncontiguous_adam():
+    g = torch.randn(2, 4, 3, dtype=torch.float64)
+    m, v = torch.zeros_like(g), torch.zeros_like(g)
+    reference.rotate_adam_(g, None, None, m, v, beta1=0.9, beta2=0.9, eps=1e-8)  # the twin accepts float64
+    with pytest.raises(ValueError, match="float32"):
+        fused.rotate_adam_(g, None, None, m, v, beta1=0.9, beta2=0.9, eps=1e-8)
+    p = torch.randn(4, 6).T
+    with pytest.raises(ValueError, match="contiguous"):
+        fused.adam_(p, torch.randn(6, 4), torch.zeros(6, 4), torch.zeros(6, 4), beta1=0.9, beta2=0.9, eps=1e-8,
+                    step_size=0.1)
+
+
+# ============================================================================ subprocesses
+def _run_python(body: str, *, interpret: bool, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh interpreter, from the repository root, with or without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(body)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_import_and_twins_work_without_triton():
+    result = _run_python(
+        """
+        import sys
+        sys.modules["triton"] = None  # import triton now raises ImportError
+        import soap_optim.kernels as kernels
+        assert not kernels.triton_available()
+        import torch
+        ops = kernels.get_ops(False)
+        ops.adam_(torch.zeros(3), torch.ones(3), torch.zeros(3), torch.zeros(3), beta1=0.9, beta2=0.9, eps=1e-8,
+                  step_size=0.1)
+        try:
+            kernels.get_ops(True)
+        except RuntimeError as error:
+            print("RuntimeError:", error)
+        """,
+        interpret=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "RuntimeError:" in result.stdout and "Triton" in result.stdout
+
+
+def test_fused_on_cpu_without_interpreter_raises_runtime_error():
+    result = _run_python(
+        """
+        import torch
+        import soap_optim.kernels as kernels
+        try:
+            ops = kernels.get_ops(True)  # no CUDA device: refused here
+            ops.adam_(torch.zeros(3), torch.ones(3), torch.zeros(3), torch.zeros(3), beta1=0.9, beta2=0.9,
+                      eps=1e-8, step_size=0.1)  # with one: CPU tensors refused here
+        except RuntimeError as error:
+            print("RuntimeError:", error)
+        """,
+        interpret=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "RuntimeError:" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
+
+
+_COMPILE_ALL = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import soap_optim.kernels as kernels
+import soap_optim.kernels._triton_common as common
+from soap_optim.kernels import adam, factor_ema, rotate_adam, unrotate_apply
+
+POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+
+def compile_for_sm90(kernel, config, **args):
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn  # through the autotuner
+    constexprs, signature = dict(config.kwargs), {}
+    for name in fn.arg_names:
+        if name not in constexprs and name not in args:
+            raise KeyError(f"{fn.__name__}: no value for {name}")
+        value = constexprs.get(name, args.get(name))
+        if name in constexprs or isinstance(value, (bool, str)):
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.dtype):
+            signature[name] = POINTER[value]
+        else:
+            signature[name] = "fp32" if isinstance(value, float) else "i32"
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    print(fn.__name__, "ok", "spills" if ".local" in compiled.asm["ptx"] else "")
+
+def strides(prefix):
+    return {f"stride_{prefix}{axis}": 1 for axis in "bmnkdrc"}
+
+largest = common.matmul_configs()[-1]
+# Every code path once: each precision of the products, with and without A, both epilogues.
+for precision, scratch in (("fp32", f32), ("tf32", f32), ("bf16", bf16)):
+    prec, dot = common.dot_precisions(precision)
+    compile_for_sm90(common._matmul_kernel, largest, a_ptr=f32, b_ptr=f32, c_ptr=scratch, M=1, N=1, K=1,
+                     PRECISION=prec, DOT_PRECISION=dot, INTERPRETED=False,
+                     **strides("a"), **strides("b"), **strides("c"))
+for precision, has_a, operand in (("fp32", True, f32), ("bf16", True, bf16), ("tf32", False, f16)):
+    prec, dot = common.dot_precisions(precision)
+    compile_for_sm90(rotate_adam._rotate_adam_kernel, largest, a_ptr=f32, b_ptr=operand,
+                     m_ptr=f32, v_ptr=f32, d_ptr=f32, M=1, N=1, K=1, beta1=0.9, beta2=0.9, eps=1e-8,
+                     HAS_A=has_a, PRECISION=prec, DOT_PRECISION=dot, INTERPRETED=False,
+                     **strides("a"), **strides("b"), **strides("m"), **strides("v"), **strides("d"))
+for precision, normalize, params in (("tf32", False, bf16), ("fp32", True, f32), ("bf16", False, f16)):
+    prec, dot = common.dot_precisions(precision)
+    compile_for_sm90(unrotate_apply._unrotate_apply_kernel, largest, a_ptr=f32,
+                     b_ptr=bf16 if precision == "bf16" else f32, p_ptr=params,
+                     step_ptr=f32, decay=0.1, u_ptr=f32, partial_ptr=f32, partials_per_matrix=1, M=1, N=1, K=1,
+                     HAS_A=True, NORMALIZE=normalize, PRECISION=prec, DOT_PRECISION=dot, INTERPRETED=False,
+                     **strides("a"), **strides("b"), **strides("p"))
+compile_for_sm90(unrotate_apply._apply_normalized_kernel, triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}),
+                 u_ptr=f32, sum_sq_ptr=f32, p_ptr=f16, step_ptr=f32, decay=0.1, M=1, N=1,
+                 NORMALIZE_EPS=1e-30, INTERPRETED=False, **strides("p"))
+for grad, upper in ((f32, True), (bf16, True), (f16, False)):
+    compile_for_sm90(factor_ema._gram_ema_kernel, factor_ema.gram_configs()[-1], x_ptr=grad, f_ptr=f32,
+                     D=1, K=1, beta=0.9, ACCUMULATE=not upper, UPPER_ONLY=upper,
+                     PRECISION="fp32" if grad == f32 else "native", INTERPRETED=False,
+                     **strides("x"), **strides("f"))
+compile_for_sm90(adam._adam_kernel, triton.Config({"BLOCK": 1024}), p_ptr=bf16, g_ptr=f16, m_ptr=f32, v_ptr=f32,
+                 step_ptr=f32, numel=1, beta1=0.9, beta2=0.9, eps=1e-8, step_size=0.1, denom_scale=1.0, decay=0.1,
+                 STEP_FROM_PTR=True, DECAY_FIRST=False, INTERPRETED=False)
+print("ALL COMPILED")
+"""
+
+
+def test_every_kernel_compiles_for_sm90():
+    """The interpreter skips Triton's compiler; this runs it (to PTX and a cubin, no GPU needed)."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    result = _run_python(_COMPILE_ALL, interpret=False)
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("ptxas is not available to compile for the GPU")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "ALL COMPILED" in result.stdout
+    assert "spills" not in result.stdout, result.stdout
+
+
+# ============================================================================ GPU only
+_CUDA_PARITY = """
+import torch
+import soap_optim.kernels as kernels
+fused, twin = kernels.get_ops(True), kernels.get_ops(False)
+torch.manual_seed(0)
+for (b, m, n) in [(1, 1, 1), (3, 97, 200), (2, 768, 768), (2, 257, 1030)]:
+    for precision, tol in (("fp32", 1e-4), ("tf32", 2e-2), ("bf16", 5e-2)):
+        g = torch.randn(b, m, n, device="cuda")
+        ql = torch.linalg.qr(torch.randn(b, m, m, device="cuda"))[0]
+        qr = torch.linalg.qr(torch.randn(b, n, n, device="cuda"))[0]
+        m1, v1 = torch.zeros(b, m, n, device="cuda"), torch.zeros(b, m, n, device="cuda")
+        m2, v2 = m1.clone(), v1.clone()
+        d1 = fused.rotate_adam_(g, ql, qr, m1, v1, beta1=0.9, beta2=0.95, eps=1e-8, precision=precision)
+        d2 = twin.rotate_adam_(g, ql, qr, m2, v2, beta1=0.9, beta2=0.95, eps=1e-8, precision=precision)
+        assert torch.allclose(m1, m2, rtol=tol, atol=tol), (b, m, n, precision, (m1 - m2).abs().max())
+        p1 = torch.randn(b, m, n, device="cuda").bfloat16(); p2 = p1.clone()
+        s = torch.full((b,), 0.1, device="cuda")
+        for ops, p in ((fused, p1), (twin, p2)):
+            ops.unrotate_apply_(d2, ql, qr, p, step_size=s, decay=0.01, normalize=True, precision=precision)
+        assert torch.allclose(p1.float(), p2.float(), rtol=2e-2, atol=2e-2), (b, m, n, precision)
+        l1, r1 = torch.randn(b, m, m, device="cuda"), torch.randn(b, n, n, device="cuda")
+        l2, r2 = l1.clone(), r1.clone()
+        fused.factor_ema_(l1, r1, g.bfloat16(), 0.95)
+        twin.factor_ema_(l2, r2, g.bfloat16(), 0.95)
+        assert torch.allclose(l1, l2, rtol=1e-4, atol=1e-3) and torch.allclose(r1, r2, rtol=1e-4, atol=1e-3)
+print("CUDA PARITY OK")
+"""
+
+_TF32_SPEED = """
+import torch
+import soap_optim.kernels as kernels
+fused = kernels.get_ops(True)
+g = torch.randn(4, 2048, 2048, device="cuda")
+q = torch.linalg.qr(torch.randn(4, 2048, 2048, device="cuda"))[0]
+m, v = torch.zeros_like(g), torch.zeros_like(g)
+def timed(precision):
+    for _ in range(3):
+        fused.rotate_adam_(g, q, q, m, v, beta1=0.9, beta2=0.95, eps=1e-8, precision=precision)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        fused.rotate_adam_(g, q, q, m, v, beta1=0.9, beta2=0.95, eps=1e-8, precision=precision)
+    end.record(); torch.cuda.synchronize()
+    return start.elapsed_time(end)
+fp32, tf32 = timed("fp32"), timed("tf32")
+print("fp32 ms", fp32, "tf32 ms", tf32)
+assert tf32 < 0.7 * fp32
+"""
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the real kernels, not the interpreter)"
+)
+
+
+@needs_cuda
+def test_cuda_kernels_match_twins():
+    result = _run_python(_CUDA_PARITY, interpret=False, timeout=900)
+    assert result.returncode == 0 and "CUDA PARITY OK" in result.stdout, result.stderr[-4000:]
+
+
+@needs_cuda
+def test_cuda_tf32_is_faster_than_fp32():
+    result = _run_python(_TF32_SPEED, interpret=False, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout
