@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .dispatch import get_ops, wants_kernels
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
 
@@ -131,6 +132,49 @@ def _foreach_adam_(
                 params[i].copy_(w)
 
 
+def _kernel_adam_(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    max_exp_avg_sqs: List[torch.Tensor],
+    steps: List[torch.Tensor],
+    *,
+    ops: Any,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """Through the fused elementwise kernel (``soap_optim.kernels``' ``adam_``), one call per step count.
+
+    torch's conventions map onto the kernel's: denom_scale = 1/sqrt(bc2), step_size = lr/bc1, and
+    decoupled decay applied first. An L2 term and maximize are folded into the gradient beforehand.
+    """
+    if amsgrad:
+        raise ValueError("amsgrad is not supported by the fused Adam kernel; use fused=False")
+    by_step: Dict[int, List[int]] = {}
+    for index, step in enumerate(steps):
+        step += 1
+        by_step.setdefault(int(step.item()), []).append(index)
+    for t, indices in by_step.items():
+        g = [grads[i] for i in indices]
+        if maximize:
+            g = torch._foreach_neg(g)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g = [gi.to(exp_avgs[i].dtype) + weight_decay * params[i].to(exp_avgs[i].dtype) for gi, i in zip(g, indices)]
+        ops.adam_(
+            [params[i] for i in indices], g, [exp_avgs[i] for i in indices], [exp_avg_sqs[i] for i in indices],
+            beta1=beta1, beta2=beta2, eps=eps, step_size=lr / (1 - beta1**t),
+            denom_scale=1 / math.sqrt(1 - beta2**t),
+            decay=lr * weight_decay if decoupled_weight_decay else 0.0, decay_first=True,
+        )
+
+
 def adam_(
     params: List[torch.Tensor],
     grads: List[torch.Tensor],
@@ -140,14 +184,22 @@ def adam_(
     steps: List[torch.Tensor],
     *,
     foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
     **hyper: Any,
 ) -> None:
     """Functional Adam/AdamW step over lists of tensors (state in its own dtype, params any float dtype).
 
-    ``foreach=False`` runs the single-tensor reference; ``None`` or ``True`` the batched path.
-    ``hyper``: lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize.
+    ``fused`` picks the elementwise kernel (see ``soap_optim.dispatch``; amsgrad never takes it by
+    default); otherwise ``foreach=False`` runs the single-tensor reference and ``None``/``True`` the
+    batched ``torch._foreach_*`` path. ``hyper``: lr, beta1, beta2, eps, weight_decay,
+    decoupled_weight_decay, amsgrad, maximize.
     """
     if not params:
+        return
+    if fused is None and hyper.get("amsgrad"):
+        fused = False
+    if wants_kernels(fused, params):
+        _kernel_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, ops=get_ops(True), **hyper)
         return
     impl = _single_tensor_adam_ if foreach is False else _foreach_adam_
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hyper)
@@ -180,6 +232,9 @@ class Adam(SoapOptimizerBase):
         amsgrad: keep the running maximum of :math:`v_t` (state ``max_exp_avg_sq``).
         foreach: ``None``/``True`` batch the group with ``torch._foreach_*``; ``False`` runs the
             single-tensor reference.
+        fused: ``None``: the fused Triton kernel for float32/bf16/fp16 CUDA tensors when triton
+            imports (not with amsgrad); ``True``: the kernel or an error saying why it cannot run;
+            ``False``: never.
         maximize: maximize the objective instead of minimizing it.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad),
@@ -200,6 +255,7 @@ class Adam(SoapOptimizerBase):
         *,
         foreach: Optional[bool] = None,
         maximize: bool = False,
+        fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -209,6 +265,7 @@ class Adam(SoapOptimizerBase):
             amsgrad=amsgrad,
             foreach=foreach,
             maximize=maximize,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -219,6 +276,9 @@ class Adam(SoapOptimizerBase):
         check_non_negative("weight_decay", group["weight_decay"])
         check_bool("amsgrad", group["amsgrad"])
         check_choice("foreach", group["foreach"], (None, True, False))
+        check_choice("fused", group["fused"], (None, True, False))
+        if group["fused"] and group["amsgrad"]:
+            raise ValueError("Invalid fused=True with amsgrad=True: the fused Adam kernel has no amsgrad")
 
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         shapes = {"exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
@@ -257,6 +317,7 @@ class Adam(SoapOptimizerBase):
             max_exp_avg_sqs,
             steps,
             foreach=group["foreach"],
+            fused=group["fused"],
             lr=float(group["lr"]),
             beta1=float(beta1),
             beta2=float(beta2),
@@ -289,5 +350,8 @@ class AdamW(Adam):
         *,
         foreach: Optional[bool] = None,
         maximize: bool = False,
+        fused: Optional[bool] = None,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused
+        )

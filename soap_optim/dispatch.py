@@ -10,20 +10,32 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Optional
 
 import torch
 
 
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def resolve_ops(fused: Optional[bool], tensors: Iterable[torch.Tensor]):
-    """The module-like namespace of batched step ops (factor_ema_, rotate_adam_, unrotate_apply_, adam_)."""
+def wants_kernels(fused: Optional[bool], params: Iterable[torch.Tensor]) -> bool:
+    """Whether the Triton kernels should run for ``params`` under the ``fused`` setting."""
+    if fused is not None:
+        return bool(fused)
     from . import kernels
 
-    if fused is None:
-        fused = kernels.triton_available() and all(t.is_cuda for t in tensors)
-    return kernels.get_ops(bool(fused))
+    # float64 parameters keep float64 state, which only the PyTorch twins accept.
+    params = list(params)
+    return all(p.is_cuda and p.dtype != torch.float64 for p in params) and kernels.triton_available()
+
+
+def get_ops(fused: bool):
+    """The namespace of batched step ops (factor_ema_, rotate_adam_, unrotate_apply_, adam_).
+
+    ``fused=True`` raises RuntimeError where the Triton kernels cannot run.
+    """
+    from . import kernels
+
+    return kernels.get_ops(fused)
+
+
+def resolve_ops(fused: Optional[bool], params: Iterable[torch.Tensor]):
+    """The batched step ops for ``params`` under the ``fused`` setting."""
+    return get_ops(wants_kernels(fused, params))

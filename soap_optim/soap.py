@@ -224,15 +224,28 @@ class SOAP(SoapOptimizerBase):
             return
         buckets: Dict[Tuple, List[_Item]] = {}
         for item in ready:
-            if len(item.plan.merged_shape) == 2 and "exp_avg_sq" in item.state:
+            full_second_moment = "exp_avg_sq" in item.state
+            if len(item.plan.merged_shape) == 2 and full_second_moment:
                 key = (item.plan.merged_shape, item.plan.preconditioned, item.grad.dtype, item.grad.device)
-                buckets.setdefault(key, []).append(item)
+            elif (
+                not item.plan.is_preconditioned
+                and full_second_moment
+                and not group["normalize_grads"]
+                and item.plan.merged_shape == tuple(item.param.shape)
+            ):
+                # no rotation at all: plain elementwise Adam, batched over same-step tensors
+                key = ("elementwise", item.grad.dtype, item.grad.device, int(item.state["step"].item()))
             else:
                 soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta)
+                continue
+            buckets.setdefault(key, []).append(item)
         if buckets:
             ops = resolve_ops(group["fused"], (item.param for items in buckets.values() for item in items))
-            for items in buckets.values():
-                soap_bucket_update_(items, group, shampoo_beta, ops)
+            for key, items in buckets.items():
+                if key[0] == "elementwise":
+                    soap_elementwise_update_(items, group, ops)
+                else:
+                    soap_bucket_update_(items, group, shampoo_beta, ops)
 
 
 class _Item(NamedTuple):
@@ -366,6 +379,25 @@ def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta:
             if row is not None and state["bases"][axis] is not row:
                 # keep the refreshed basis in its row of the bucket's buffer
                 state["bases"][axis] = row.copy_(state["bases"][axis])
+
+
+def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> None:
+    """SOAP's step for parameters with no preconditioned axis and a common step count: Adam with the
+    reference's conventions (eps before bias correction, decay after the update), one fused call."""
+    beta1, beta2 = group["betas"]
+    step = [_increment_step(item.state) for item in items][0]
+    ops.adam_(
+        [item.param for item in items],
+        [item.grad for item in items],
+        [item.state["exp_avg"] for item in items],
+        [item.state["exp_avg_sq"] for item in items],
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        step_size=_step_size(group, step),
+        decay=float(group["lr"]) * group["weight_decay"],
+        decay_first=False,
+    )
 
 
 def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: float) -> torch.Tensor:
