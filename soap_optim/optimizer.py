@@ -13,7 +13,7 @@ Subclasses implement ``_validate_group``, ``_step_group`` and ``_expected_state_
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 

@@ -16,11 +16,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .adam import adam_normalize, decay_then_update_
-from .eigenbasis import DATA_FORMATS, Plan, initial_basis, make_plan, project, update_factors_, zero_factors
+from .eigenbasis import Plan, check_plan_options, initial_basis, plan_for, project, update_factors_, zero_factors
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import (
     check_betas,
-    check_bool,
     check_choice,
     check_lr,
     check_non_negative,
@@ -183,23 +182,10 @@ class Shampoo(SoapOptimizerBase):
                     f"factors are raised to -exponent_override)"
                 )
         check_choice("grafting", group["grafting"], GRAFTINGS)
-        check_positive_int("max_precond_dim", group["max_precond_dim"])
-        check_choice("data_format", group["data_format"], DATA_FORMATS)
-        for flag in ("merge_dims", "precondition_1d"):
-            check_bool(flag, group[flag])
-
-    @staticmethod
-    def _plan(param: torch.Tensor, group: Dict[str, Any]) -> Plan:
-        return make_plan(
-            tuple(param.shape),
-            max_precond_dim=group["max_precond_dim"],
-            merge_dims=group["merge_dims"],
-            precondition_1d=group["precondition_1d"],
-            data_format=group["data_format"],
-        )
+        check_plan_options(group)
 
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
-        plan = self._plan(param, group)
+        plan = plan_for(param, group)
         matrices = [None if d is None else (d, d) for d in plan.factor_dims]
         shapes = {"exp_avg": plan.merged_shape, "factors": matrices, "roots": matrices}
         if group["grafting"] in ("adam", "rmsprop"):
@@ -210,7 +196,7 @@ class Shampoo(SoapOptimizerBase):
         for param in group["params"]:
             if param.grad is None:
                 continue
-            plan = self._plan(param, group)
+            plan = plan_for(param, group)
             grad = plan.to_merged(param.grad.to(state_dtype(param)))
             if group["maximize"]:
                 grad = -grad

@@ -7,15 +7,16 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .eigenbasis import (
-    DATA_FORMATS,
     Plan,
     initial_basis,
-    make_plan,
+    check_plan_options,
     project,
     project_back,
     permute_axes_,
+    plan_for,
     refresh_bases_,
     update_factors_,
+    without_overflowing_grams,
     zero_factors,
 )
 from .buckets import stacked_state
@@ -169,32 +170,16 @@ class SOAP(SoapOptimizerBase):
         check_non_negative("eps", group["eps"])
         check_non_negative("weight_decay", group["weight_decay"])
         check_positive_int("precondition_frequency", group["precondition_frequency"])
-        check_positive_int("max_precond_dim", group["max_precond_dim"])
-        check_choice("data_format", group["data_format"], DATA_FORMATS)
-        for flag in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias", "one_sided", "factorized"):
+        check_plan_options(group)
+        for flag in ("normalize_grads", "correct_bias", "factorized"):
             check_bool(flag, group[flag])
         for flag in ("foreach", "fused"):
             if group[flag] is not None:
                 check_bool(flag, group[flag])
         check_choice("rotation_precision", group["rotation_precision"], ROTATION_PRECISIONS)
-        dim = group["one_sided_dim"]
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
-            raise ValueError(f"Invalid one_sided_dim: {dim!r} (must be None or an int)")
-
-    @staticmethod
-    def _plan(param: torch.Tensor, group: Dict[str, Any]) -> Plan:
-        return make_plan(
-            tuple(param.shape),
-            max_precond_dim=group["max_precond_dim"],
-            merge_dims=group["merge_dims"],
-            precondition_1d=group["precondition_1d"],
-            data_format=group["data_format"],
-            one_sided=group["one_sided"],
-            one_sided_dim=group["one_sided_dim"],
-        )
 
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
-        plan = self._plan(param, group)
+        plan = plan_for(param, group)
         matrices = [None if d is None else (d, d) for d in plan.factor_dims]
         shapes = {"exp_avg": plan.merged_shape, "factors": matrices, "bases": matrices}
         if _is_factored(plan, group):
@@ -209,7 +194,7 @@ class SOAP(SoapOptimizerBase):
         for param in group["params"]:
             if param.grad is None:
                 continue
-            plan = self._plan(param, group)
+            plan = plan_for(param, group)
             grad = plan.to_merged(param.grad.to(state_dtype(param)))
             if group["maximize"]:
                 grad = -grad
@@ -360,7 +345,8 @@ def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta:
         grads, q_left, q_right, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"], precision=precision
     )
     step_size = torch.tensor([_step_size(group, t) for t in steps], dtype=grads.dtype, device=grads.device)
-    params = torch.stack([plan.to_merged(item.param) for item in items])
+    # members share the merged shape, not necessarily their own shape (merge_dims): each uses its own plan
+    params = torch.stack([item.plan.to_merged(item.param) for item in items])
     ops.unrotate_apply_(
         direction, q_left, q_right, params, step_size=step_size,
         decay=float(group["lr"]) * group["weight_decay"], normalize=group["normalize_grads"], precision=precision,
@@ -368,17 +354,32 @@ def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta:
     ops.factor_ema_(
         stacked_state(states, "factors", 0) if left else None,
         stacked_state(states, "factors", 1) if right else None,
-        grads,
+        without_overflowing_grams(grads, batch_dims=1),
         shampoo_beta,
     )
-    for index, (item, state) in enumerate(zip(items, states)):
-        item.param.copy_(plan.from_merged(params[index]))
-        rows = list(state["bases"])
-        _maybe_refresh_(state, steps[index], group)
-        for axis, row in enumerate(rows):
-            if row is not None and state["bases"][axis] is not row:
-                # keep the refreshed basis in its row of the bucket's buffer
-                state["bases"][axis] = row.copy_(state["bases"][axis])
+    for index, item in enumerate(items):
+        item.param.copy_(item.plan.from_merged(params[index]))
+    frequency = group["precondition_frequency"]
+    due = [t % frequency == 0 for t in steps]
+    if all(due):
+        # the whole bucket refreshes at once: one batched QR per side, bases rewritten in place
+        bases = [q_left, q_right]
+        orders = refresh_bases_(
+            [stacked_state(states, "factors", 0) if left else None, stacked_state(states, "factors", 1) if right else None],
+            bases, exp_avg, batch_dims=1,
+        )
+        permute_axes_(exp_avg_sq, orders, batch_dims=1)
+        for stack, new in zip((q_left, q_right), bases):
+            if stack is not None and new is not stack:
+                stack.copy_(new)
+    elif any(due):
+        for state, t in zip(states, steps):
+            rows = list(state["bases"])
+            _maybe_refresh_(state, t, group)
+            for axis, row in enumerate(rows):
+                if row is not None and state["bases"][axis] is not row:
+                    # keep the refreshed basis in its row of the bucket's buffer
+                    state["bases"][axis] = row.copy_(state["bases"][axis])
 
 
 def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> None:
@@ -416,4 +417,8 @@ def factored_second_moment_(row: torch.Tensor, col: torch.Tensor, x: torch.Tenso
     row.mul_(beta2).add_(square.mean(dim=1), alpha=1 - beta2)
     col.mul_(beta2).add_(square.mean(dim=0), alpha=1 - beta2)
     # mean(r) is 0 only when r (hence v) is 0; the floor keeps 0/0 out.
-    return torch.outer(row, col) / row.mean().clamp_min(torch.finfo(row.dtype).tiny)
+    mean = row.mean()
+    v = torch.outer(row, col) / mean.clamp_min(torch.finfo(row.dtype).tiny)
+    # Squares that overflowed make mean(r) inf, and v NaN (inf/inf) or 0 (finite/inf: a huge step). Such an
+    # estimate is inf throughout instead, as an overflowed full second moment is where it overflowed: no step.
+    return torch.where(torch.isfinite(mean), v, torch.full_like(v, math.inf))

@@ -155,6 +155,7 @@ def test_eigh_and_qr_failures_keep_previous_basis_with_a_warning(monkeypatch):
     bases = [_random_orthonormal(3, 13)]
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     monkeypatch.setattr(torch.linalg, "qr", broken)
+    monkeypatch.setattr(torch, "geqrf", broken)
     monkeypatch.setattr(bases_module, "_warned", set())
     with pytest.warns(RuntimeWarning, match="eigh failed"):
         assert torch.equal(initial_basis(factor), torch.eye(3, dtype=torch.float64))

@@ -7,6 +7,7 @@ C_k = G_(k) G_(k)^T of the mode-k unfolding (for a matrix, C_0 = G G^T and C_1 =
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -23,11 +24,29 @@ def zero_factors(factor_dims: Sequence[Optional[int]], *, dtype, device) -> List
     return [None if d is None else torch.zeros(d, d, dtype=dtype, device=device) for d in factor_dims]
 
 
+def without_overflowing_grams(grad: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
+    """``grad``, with zeros for each tensor (the axes after ``batch_dims``) whose Gram matrices could overflow.
+
+    Every entry of every mode-k Gram matrix is at most ||G||_F^2 in magnitude, so ||G||_F^2 <= max/4 keeps
+    the Gram matrices, their EMA and the EMA's intermediate F - C finite. A larger G (float32 entries of
+    ~1e19 and up) would turn the factor into inf/NaN for good; it contributes a zero Gram matrix instead
+    (F <- beta F: same eigenbasis). No host sync; an ordinary gradient comes back bit for bit.
+    """
+    dims = tuple(range(batch_dims, grad.dim()))
+    if not dims:
+        return grad
+    norm = torch.linalg.vector_norm(grad, dim=dims, keepdim=True)
+    return torch.where(norm <= math.sqrt(torch.finfo(grad.dtype).max / 4), grad, grad.new_zeros(()))
+
+
 def update_factors_(factors: Sequence[Optional[torch.Tensor]], grad: torch.Tensor, beta: float) -> None:
     """In place: F_k <- beta * F_k + (1 - beta) * C_k for every factor that exists.
 
     ``beta == 1`` is read as "accumulate": F_k <- F_k + C_k (AdaGrad-style sums, used by Shampoo).
+    A gradient whose Gram matrices could overflow counts as zero (see ``without_overflowing_grams``).
     """
+    if any(factor is not None for factor in factors):
+        grad = without_overflowing_grams(grad)
     for axis, factor in enumerate(factors):
         if factor is None:
             continue

@@ -21,11 +21,13 @@ def refresh_bases_(
     factors: Sequence[Optional[torch.Tensor]],
     bases: List[Optional[torch.Tensor]],
     exp_avg: Optional[torch.Tensor] = None,
+    batch_dims: int = 0,
 ) -> Orders:
     """In place: refresh every basis that has a factor and rotate ``exp_avg`` into the new bases.
 
     ``exp_avg`` is in the merged layout and the current eigenbasis (None: nothing to carry).
     Returns, per axis, the order of the old columns in the new basis (None: axis unchanged).
+    With ``batch_dims=1`` everything is a stack over a leading batch axis (see ``projection``).
     """
     old_bases = list(bases)
     orders: Orders = [None] * len(bases)
@@ -36,18 +38,25 @@ def refresh_bases_(
         if result is not None:
             bases[axis], orders[axis] = result
     if exp_avg is not None and any(order is not None for order in orders):
-        exp_avg.copy_(project(project_back(exp_avg, old_bases), bases))
+        exp_avg.copy_(project(project_back(exp_avg, old_bases, batch_dims), bases, batch_dims))
     return orders
 
 
-def permute_axes_(x: torch.Tensor, orders: Orders, axes: Optional[Sequence[int]] = None) -> None:
+def permute_axes_(x: torch.Tensor, orders: Orders, axes: Optional[Sequence[int]] = None, batch_dims: int = 0) -> None:
     """In place: reorder ``x`` along each axis by ``orders[axis]``.
 
     ``axes[i]`` names the axis of ``x`` that follows ``orders[i]`` (default: the same index), so a
     row statistic of a matrix is permuted with ``orders=[order_0]`` and a column one with
-    ``orders=[order_1]``.
+    ``orders=[order_1]``. With ``batch_dims`` leading batch axes each order is a [*batch, d] stack.
     """
     for index, order in enumerate(orders):
-        if order is not None:
-            axis = index if axes is None else axes[index]
+        if order is None:
+            continue
+        axis = (index if axes is None else axes[index]) + batch_dims
+        if batch_dims == 0:
             x.copy_(x.index_select(axis, order))
+        else:
+            # [*batch, d] -> [*batch, 1, .., d, .., 1] so that it broadcasts along the other axes
+            shape = list(order.shape[:batch_dims]) + [1] * (x.dim() - batch_dims)
+            shape[axis] = order.shape[-1]
+            x.copy_(torch.take_along_dim(x, order.reshape(shape), dim=axis))

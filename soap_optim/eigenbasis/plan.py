@@ -15,9 +15,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
+
+from ..validation import check_bool, check_choice, check_positive_int
 
 DATA_FORMATS = ("channels_first", "channels_last")
 # channels_last assumes (O, H, W, I) storage; (0, 3, 1, 2) brings it to (O, I, H, W).
@@ -119,3 +121,29 @@ def _full_plan(shape, max_precond_dim, merge_dims, precondition_1d, data_format)
             merged = tuple(shape[i] for i in permutation)
         merged = merge_shape(merged, max_precond_dim)
     return Plan(shape, permutation, merged, tuple(s <= max_precond_dim for s in merged))
+
+
+def check_plan_options(group: Dict[str, Any]) -> None:
+    """ValueError naming a bad dims-plan hyperparameter of a param group (SOAP, Shampoo)."""
+    check_positive_int("max_precond_dim", group["max_precond_dim"])
+    check_choice("data_format", group["data_format"], DATA_FORMATS)
+    for flag in ("merge_dims", "precondition_1d"):
+        check_bool(flag, group[flag])
+    if "one_sided" in group:
+        check_bool("one_sided", group["one_sided"])
+        dim = group["one_sided_dim"]
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+            raise ValueError(f"Invalid one_sided_dim: {dim!r} (must be None or an int)")
+
+
+def plan_for(param: torch.Tensor, group: Dict[str, Any]) -> Plan:
+    """The plan of ``param`` under a param group's dims options (one-sided only where the group has it)."""
+    return make_plan(
+        tuple(param.shape),
+        max_precond_dim=group["max_precond_dim"],
+        merge_dims=group["merge_dims"],
+        precondition_1d=group["precondition_1d"],
+        data_format=group["data_format"],
+        one_sided=group.get("one_sided", False),
+        one_sided_dim=group.get("one_sided_dim"),
+    )

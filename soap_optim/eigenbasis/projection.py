@@ -6,6 +6,8 @@ For a tensor X in the merged layout and one basis Q_k (or None) per axis:
     project_back(X) = X x_1 Q_1   x_2 Q_2   ...   (a matrix: Q_L X Q_R^T)
 
 Axes without a basis are left as they are. With orthonormal bases the two are inverses.
+``batch_dims=1`` treats the first axis of ``x`` as a batch of same-shaped tensors, each basis then being
+a [B, d, d] stack (the batched path's buckets of matrices).
 """
 from __future__ import annotations
 
@@ -25,17 +27,17 @@ def _mode_product(x: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Ten
     return (x.movedim(axis, -1) @ matrix).movedim(-1, axis)
 
 
-def project(x: torch.Tensor, bases: Bases) -> torch.Tensor:
+def project(x: torch.Tensor, bases: Bases, batch_dims: int = 0) -> torch.Tensor:
     """Rotate ``x`` into the eigenbasis: multiply axis k by Q_k^T."""
     for axis, basis in enumerate(bases):
         if basis is not None:
-            x = _mode_product(x, basis, axis)
+            x = _mode_product(x, basis, axis + batch_dims)
     return x
 
 
-def project_back(x: torch.Tensor, bases: Bases) -> torch.Tensor:
+def project_back(x: torch.Tensor, bases: Bases, batch_dims: int = 0) -> torch.Tensor:
     """Rotate ``x`` out of the eigenbasis: multiply axis k by Q_k."""
     for axis, basis in enumerate(bases):
         if basis is not None:
-            x = _mode_product(x, basis.T, axis)
+            x = _mode_product(x, basis.mT, axis + batch_dims)
     return x
