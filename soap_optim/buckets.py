@@ -33,7 +33,7 @@ def stacked_state(states: Sequence[Dict[str, Any]], key: str, index: Optional[in
     tensors: List[torch.Tensor] = [s[key] if index is None else s[key][index] for s in states]
     base = _stacked_base(tensors)
     if base is None:
-        base = torch.stack(tensors)
+        base = torch.stack(tensors).contiguous()  # stack keeps the inputs' strides
         for row, state in enumerate(states):
             if index is None:
                 state[key] = base[row]

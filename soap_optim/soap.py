@@ -93,8 +93,9 @@ class SOAP(SoapOptimizerBase):
         one_sided: keep one factor per parameter (see above).
         one_sided_dim: merged axis to precondition when ``one_sided`` (default: the smallest).
         factorized: factored second moment for 2-D (merged) parameters (see above).
-        foreach: ``None``/``True``: same-shaped 2-D (merged) parameters of a group are stepped
-            together through batched ops; ``False``: one parameter at a time.
+        foreach: ``None``/``True``: parameters of a group with the same merged shape (2-D or more)
+            are stepped together through batched ops, unpreconditioned ones through one elementwise
+            Adam; ``False``: one parameter at a time.
         fused: ``None``: Triton kernels for CUDA tensors when triton imports, else the batched
             PyTorch path; ``True``: Triton kernels or an error saying why they cannot run;
             ``False``: the batched PyTorch path.
@@ -210,7 +211,7 @@ class SOAP(SoapOptimizerBase):
         buckets: Dict[Tuple, List[_Item]] = {}
         for item in ready:
             full_second_moment = "exp_avg_sq" in item.state
-            if len(item.plan.merged_shape) == 2 and full_second_moment:
+            if len(item.plan.merged_shape) >= 2 and full_second_moment and item.plan.is_preconditioned:
                 key = (item.plan.merged_shape, item.plan.preconditioned, item.grad.dtype, item.grad.device)
             elif (
                 not item.plan.is_preconditioned
@@ -247,12 +248,13 @@ def _is_factored(plan: Plan, group: Dict[str, Any]) -> bool:
 def _init_state(state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float, factored: bool) -> None:
     """First step for a parameter: build factors and the first bases from ``grad``; no update."""
     state["step"] = torch.tensor(0.0)
-    state["exp_avg"] = torch.zeros_like(grad)
+    # contiguous whatever the gradient's strides (a channels_last merge gives a permuted view)
+    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
     if factored:
         state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[0])
         state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[1])
     else:
-        state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
     state["factors"] = zero_factors(plan.factor_dims, dtype=grad.dtype, device=grad.device)
     update_factors_(state["factors"], grad, shampoo_beta)
     state["bases"] = [None if f is None else initial_basis(f) for f in state["factors"]]
@@ -324,52 +326,58 @@ def _maybe_refresh_(state: Dict[str, Any], step: int, group: Dict[str, Any]) -> 
 
 
 def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops) -> None:
-    """One SOAP step for a bucket of same-shaped 2-D (merged) parameters, through batched ops.
+    """One SOAP step for a bucket of parameters with one merged shape (2-D or more), through batched ops.
 
-    State lives in stacked [B, ...] buffers (see ``buckets``); gradients and parameters are stacked
-    for the step and parameters copied back. Refreshes stay per parameter.
+    State lives in stacked [B, ...] buffers (see ``buckets``); gradients and parameters are stacked for
+    the step and parameters copied back. A matrix is rotated on both sides inside the fused ops. A
+    tensor of K >= 3 merged axes is rotated on axes 1..K-1 by batched products first and on axis K
+    (the right side of its [rows, d_K] matrix view) inside the fused ops, whose epilogues hold the Adam
+    update and the parameter update; mode products on different axes commute, so the order is free.
     """
-    plan = items[0].plan
-    left, right = plan.preconditioned
+    shape = items[0].plan.merged_shape
+    preconditioned = items[0].plan.preconditioned
     states = [item.state for item in items]
-    grads = torch.stack([item.grad for item in items])
-    q_left = stacked_state(states, "bases", 0) if left else None
-    q_right = stacked_state(states, "bases", 1) if right else None
+    batch = len(items)
+    stacked_bases = [stacked_state(states, "bases", k) if p else None for k, p in enumerate(preconditioned)]
+    stacked_factors = [stacked_state(states, "factors", k) if p else None for k, p in enumerate(preconditioned)]
+    grads = torch.stack([item.grad for item in items]).contiguous()  # stack keeps permuted strides
     exp_avg = stacked_state(states, "exp_avg")
     exp_avg_sq = stacked_state(states, "exp_avg_sq")
     steps = [_increment_step(s) for s in states]
     beta1, beta2 = group["betas"]
     precision = group["rotation_precision"]
+    if len(shape) == 2:
+        q_left, q_right, outer_bases = stacked_bases[0], stacked_bases[1], None
+    else:
+        q_left, q_right, outer_bases = None, stacked_bases[-1], stacked_bases[:-1]
+    matrix = (batch, math.prod(shape[:-1]), shape[-1])  # the [B, rows, d_K] view the fused ops see
 
+    rotated = grads if outer_bases is None else project(grads, outer_bases, batch_dims=1)
     direction = ops.rotate_adam_(
-        grads, q_left, q_right, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"], precision=precision
+        rotated.reshape(matrix), q_left, q_right, exp_avg.view(matrix), exp_avg_sq.view(matrix),
+        beta1=beta1, beta2=beta2, eps=group["eps"], precision=precision,
     )
+    if outer_bases is not None:
+        direction = project_back(direction.view(batch, *shape), outer_bases, batch_dims=1).reshape(matrix)
     step_size = torch.tensor([_step_size(group, t) for t in steps], dtype=grads.dtype, device=grads.device)
     # members share the merged shape, not necessarily their own shape (merge_dims): each uses its own plan
-    params = torch.stack([item.plan.to_merged(item.param) for item in items])
+    params = torch.stack([item.plan.to_merged(item.param) for item in items]).contiguous()
     ops.unrotate_apply_(
-        direction, q_left, q_right, params, step_size=step_size,
+        direction, q_left, q_right, params.view(matrix), step_size=step_size,
         decay=float(group["lr"]) * group["weight_decay"], normalize=group["normalize_grads"], precision=precision,
     )
-    ops.factor_ema_(
-        stacked_state(states, "factors", 0) if left else None,
-        stacked_state(states, "factors", 1) if right else None,
-        without_overflowing_grams(grads, batch_dims=1),
-        shampoo_beta,
-    )
+    _bucket_factor_ema_(stacked_factors, without_overflowing_grams(grads, batch_dims=1), shampoo_beta, ops)
     for index, item in enumerate(items):
         item.param.copy_(item.plan.from_merged(params[index]))
+
     frequency = group["precondition_frequency"]
     due = [t % frequency == 0 for t in steps]
     if all(due):
-        # the whole bucket refreshes at once: one batched QR per side, bases rewritten in place
-        bases = [q_left, q_right]
-        orders = refresh_bases_(
-            [stacked_state(states, "factors", 0) if left else None, stacked_state(states, "factors", 1) if right else None],
-            bases, exp_avg, batch_dims=1,
-        )
+        # the whole bucket refreshes at once: one batched QR per axis, bases rewritten in place
+        bases = list(stacked_bases)
+        orders = refresh_bases_(stacked_factors, bases, exp_avg, batch_dims=1)
         permute_axes_(exp_avg_sq, orders, batch_dims=1)
-        for stack, new in zip((q_left, q_right), bases):
+        for stack, new in zip(stacked_bases, bases):
             if stack is not None and new is not stack:
                 stack.copy_(new)
     elif any(due):
@@ -380,6 +388,21 @@ def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta:
                 if row is not None and state["bases"][axis] is not row:
                     # keep the refreshed basis in its row of the bucket's buffer
                     state["bases"][axis] = row.copy_(state["bases"][axis])
+
+
+def _bucket_factor_ema_(factors: List[Optional[torch.Tensor]], grads: torch.Tensor, beta: float, ops) -> None:
+    """F_k <- beta F_k + (1 - beta) C_k for a [B, *merged] stack, through the fused factor op.
+
+    A matrix updates both factors in one call; for K >= 3 axes, axis k's Gram matrix is the left
+    factor of the [B, d_k, rest] unfolding.
+    """
+    if grads.dim() == 3:
+        ops.factor_ema_(factors[0], factors[1], grads, beta)
+        return
+    for axis, factor in enumerate(factors):
+        if factor is not None:
+            unfolded = grads.movedim(axis + 1, 1).reshape(grads.shape[0], grads.shape[axis + 1], -1)
+            ops.factor_ema_(factor, None, unfolded, beta)
 
 
 def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> None:

@@ -30,7 +30,7 @@ def _run(shapes, dtype, steps, **kw):
     return params, opt
 
 
-SHAPES = [(6, 5), (6, 5), (6, 5), (5, 6), (4, 3, 2), (7,), (12, 3)]
+SHAPES = [(6, 5), (6, 5), (6, 5), (5, 6), (4, 3, 2), (4, 3, 2), (3, 2, 2, 3), (7,), (12, 3)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])

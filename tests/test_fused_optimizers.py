@@ -44,9 +44,10 @@ def _assert_same(run_a, run_b, tol):
             torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-# two same-shaped matrices (one bucket), a transposed one, a tall one, a vector and a 3-D tensor; every
+# two same-shaped matrices (one bucket), a transposed one, a tall one, a vector, a bucket of 3-D tensors and a
+# 4-D one (rotated on their last axis inside the fused ops, on the others by batched products); every
 # factor is full rank by the first refresh (a rank-deficient one makes the basis depend on roundoff)
-SHAPES = [(6, 5), (6, 5), (5, 6), (9, 3), (7,), (3, 2, 4)]
+SHAPES = [(6, 5), (6, 5), (5, 6), (9, 3), (7,), (3, 2, 4), (3, 2, 4), (2, 3, 2, 3)]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,13 @@ Bases = Sequence[Optional[torch.Tensor]]
 
 
 def _mode_product(x: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
-    """Y with Y[..., j, ...] = sum_i X[..., i, ...] * matrix[i, j] along ``axis``."""
+    """Y with Y[..., j, ...] = sum_i X[..., i, ...] * matrix[i, j] along ``axis``.
+
+    A [B, d, d] ``matrix`` applies member b's matrix to x[b] (x's first axis is the batch).
+    """
+    if matrix.dim() == 3 and x.dim() > 3:
+        # broadcast member b's matrix over x[b]'s other axes
+        matrix = matrix.view(matrix.shape[0], *([1] * (x.dim() - 3)), *matrix.shape[1:])
     if axis == x.dim() - 1:
         return x @ matrix
     if axis == 0 and x.dim() == 2:
