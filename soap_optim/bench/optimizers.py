@@ -126,6 +126,12 @@ def ours() -> List[OptimizerSpec]:
             "soap-factorized", "SOAP factorized", "soap_optim", soap_optim.SOAP,
             lambda h: dict(h.adam(), **_precond(h), factorized=True), refresh,
         ),
+        OptimizerSpec(
+            "soap-bf16-rotations", "SOAP bf16 rotations", "soap_optim", soap_optim.SOAP,
+            lambda h: dict(h.adam(), **_precond(h), rotation_precision="bf16"), refresh,
+            notes=["rotation products with bf16 inputs and fp32 accumulation (emulated by rounding on the CPU): "
+                   "measures the convergence cost of the opt-in, not its GPU speed"],
+        ),
     ]
     adamw, why_adamw = _family_class("AdamW", "adam")
     specs.append(OptimizerSpec("adamw", "AdamW (soap_optim)", "soap_optim", adamw, lambda h: h.adam(), unavailable=why_adamw))
