@@ -1,8 +1,8 @@
 """Kernel launches per optimizer step on a 12-layer GPT-2-shaped parameter set.
 
 Counts the operations of one non-refresh ``step()`` that would each be a GPU kernel launch: aten
-compute ops seen by the profiler (views, reshapes and other metadata-only ops excluded) plus Triton
-kernel launches. Runs on the CPU; under TRITON_INTERPRET=1 the fused path is counted too. Launch counts
+ops seen at dispatch (views and allocations excluded) plus Triton kernel launches (the torch ops the
+CPU interpreter runs inside a launch are not counted). Runs on the CPU; under TRITON_INTERPRET=1 the fused path is counted too. Launch counts
 do not depend on the width, so the default width is small.
 
     TRITON_INTERPRET=1 python benchmarks/count_launches.py [--layers 12] [--width 64]
@@ -14,21 +14,35 @@ import os
 from collections import Counter
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import soap_optim
 
-# metadata-only or allocation ops: no compute kernel on a GPU
-_NO_LAUNCH = {
-    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::select", "aten::unbind",
-    "aten::slice", "aten::t", "aten::transpose", "aten::permute", "aten::expand", "aten::detach", "aten::alias",
-    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::unsqueeze", "aten::squeeze", "aten::numpy_T",
-    "aten::mT", "aten::_unsafe_view", "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh",
-    "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::result_type", "aten::to",
-    "aten::_to_copy", "aten::movedim", "aten::matmul", "aten::flatten", "aten::contiguous", "aten::split",
-    "aten::chunk", "aten::narrow", "aten::diagonal", "aten::zeros", "aten::zero_", "aten::fill_",
-    "aten::scalar_tensor", "aten::lift", "aten::split_with_sizes", "aten::stack",
-}
+# ops that launch no compute kernel on a GPU (allocation, host reads); views are recognized by schema
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "_local_scalar_dense", "detach", "alias", "lift_fresh",
+              "set_", "is_nonzero", "_unsafe_view"}
+
+
+def _host_scalars_only(args) -> bool:
+    """True for bookkeeping on 0-d tensors (step counters), which stay on the host even with CUDA params."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(t.dim() == 0 for t in tensors)
+
+
+class _LaunchCounter(TorchDispatchMode):
+    """Counts aten ops that would each launch a kernel, and Triton launches (inside which nothing else counts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.inside_triton = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not (self.inside_triton or func.is_view or name in _NO_LAUNCH or name.startswith("_record_function")
+                or _host_scalars_only(args)):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def gpt_shapes(layers: int, width: int, vocab: int = 512, context: int = 128):
@@ -49,41 +63,38 @@ def count_step(make_optimizer, shapes) -> Counter:
         opt.step()
     for p in params:
         p.grad = torch.randn_like(p)
-    counts: Counter = Counter()
-    triton_launches = _count_triton_launches(counts)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        opt.step()
-    triton_launches.restore()
-    for event in prof.events():
-        # top-level aten ops only: an op called by another op is part of its parent's kernel
-        if event.name.startswith("aten::") and event.cpu_parent is not None \
-                and not event.cpu_parent.name.startswith("aten::") and event.name not in _NO_LAUNCH:
-            counts[event.name] += 1
-    return counts
+    counter = _LaunchCounter()
+    restore = _count_triton_launches(counter)
+    try:
+        with counter:
+            opt.step()
+    finally:
+        restore()
+    return counter.counts
 
 
-class _count_triton_launches:
-    """Counts Triton grid launches while active (interpreter or GPU)."""
+def _count_triton_launches(counter: _LaunchCounter):
+    """Patch Triton's launch entry point to count launches; returns the function that undoes it."""
+    try:
+        from triton.runtime import interpreter, jit
+    except ImportError:
+        return lambda: None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        target, attribute = interpreter.GridExecutor, "__call__"
+    else:
+        target, attribute = jit.JITFunction, "run"
+    original = getattr(target, attribute)
 
-    def __init__(self, counts: Counter):
-        self.restore_fn = lambda: None
+    def counted(self_, *args, **kwargs):
+        counter.counts["triton launch"] += 1
+        counter.inside_triton += 1
         try:
-            from triton.runtime import interpreter, jit
-        except ImportError:
-            return
-        target = interpreter.GridExecutor if os.environ.get("TRITON_INTERPRET") == "1" else jit.JITFunction
-        attribute = "__call__" if target is interpreter.GridExecutor else "run"
-        original = getattr(target, attribute)
-
-        def counted(self_, *args, **kwargs):
-            counts["triton launch"] += 1
             return original(self_, *args, **kwargs)
+        finally:
+            counter.inside_triton -= 1
 
-        setattr(target, attribute, counted)
-        self.restore_fn = lambda: setattr(target, attribute, original)
-
-    def restore(self):
-        self.restore_fn()
+    setattr(target, attribute, counted)
+    return lambda: setattr(target, attribute, original)
 
 
 def main() -> None:
@@ -103,7 +114,7 @@ def main() -> None:
     for name, make in variants.items():
         counts = count_step(make, shapes)
         total = sum(counts.values())
-        top = ", ".join(f"{op.replace('aten::', '')} {n}" for op, n in counts.most_common(6))
+        top = ", ".join(f"{op} {n}" for op, n in counts.most_common(6))
         print(f"{name:48s} {total:5d} launches  ({top})")
 
 

@@ -38,13 +38,20 @@ def update_factored_moments_(
     col <- beta2 * col + (1 - beta2) * 1_m^T (G^2 + eps)    (length n)
     """
     squared = grad.square().add_(eps)
-    row.lerp_(squared.sum(dim=1), 1 - beta2)
-    col.lerp_(squared.sum(dim=0), 1 - beta2)
+    # multiply-add rather than lerp_: an overflowed (inf) statistic stays inf instead of inf - inf = NaN
+    row.mul_(beta2).add_(squared.sum(dim=1), alpha=1 - beta2)
+    col.mul_(beta2).add_(squared.sum(dim=0), alpha=1 - beta2)
 
 
 def factored_second_moment(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """The rank-1 reconstruction V = row col^T / sum(row) (sum(row) == sum(col) for exact moments)."""
-    return torch.outer(row / row.sum(), col)
+    """The rank-1 reconstruction V = row col^T / sum(row) (sum(row) == sum(col) for exact moments).
+
+    A zero sum (all-zero statistics) gives V = 0 rather than 0/0. A sum that overflowed gives V = +inf
+    everywhere, as an overflowed full second moment does where it overflowed: no step, never NaN.
+    """
+    total = row.sum()
+    estimate = torch.outer(row / total.clamp_min(torch.finfo(row.dtype).tiny), col)
+    return torch.where(torch.isfinite(total), estimate, torch.full_like(estimate, math.inf))
 
 
 def clip_by_rms_(update: torch.Tensor, d: float) -> torch.Tensor:

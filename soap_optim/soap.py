@@ -19,6 +19,7 @@ from .eigenbasis import (
     without_overflowing_grams,
     zero_factors,
 )
+from .adafactor import factored_second_moment, update_factored_moments_
 from .buckets import stacked_state
 from .dispatch import resolve_ops
 from .optimizer import SoapOptimizerBase, state_dtype
@@ -69,8 +70,8 @@ class SOAP(SoapOptimizerBase):
     * ``one_sided=True``: a single factor per parameter, on the smallest eligible merged axis
       (or on merged axis ``one_sided_dim``); the other axes are left in the standard basis.
     * ``factorized=True``: for 2-D (merged) parameters the second moment in the eigenbasis is
-      Adafactor-style factored, :math:`\hat v = r c^\top / \bar r` from row means :math:`r` and
-      column means :math:`c` of :math:`\tilde G^2` (EMAs with :math:`\beta_2`).
+      Adafactor-style factored, :math:`\hat v = r c^\top / \sum_i r_i` from row sums :math:`r` and
+      column sums :math:`c` of :math:`\tilde G^2` (EMAs with :math:`\beta_2`).
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -428,20 +429,6 @@ def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: 
     """EMA of the squared rotated gradient; returns the second-moment estimate v (full or factored)."""
     if "exp_avg_sq" in state:
         return state["exp_avg_sq"].mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
-    return factored_second_moment_(state["exp_avg_sq_row"], state["exp_avg_sq_col"], rotated, beta2)
-
-
-def factored_second_moment_(row: torch.Tensor, col: torch.Tensor, x: torch.Tensor, beta2: float) -> torch.Tensor:
-    """Adafactor's rank-1 second moment of a matrix: r, c <- EMAs of the row/column means of x^2.
-
-    Returns v = r c^T / mean(r), which equals (row sums)(column sums)^T / (total sum).
-    """
-    square = x.square()
-    row.mul_(beta2).add_(square.mean(dim=1), alpha=1 - beta2)
-    col.mul_(beta2).add_(square.mean(dim=0), alpha=1 - beta2)
-    # mean(r) is 0 only when r (hence v) is 0; the floor keeps 0/0 out.
-    mean = row.mean()
-    v = torch.outer(row, col) / mean.clamp_min(torch.finfo(row.dtype).tiny)
-    # Squares that overflowed make mean(r) inf, and v NaN (inf/inf) or 0 (finite/inf: a huge step). Such an
-    # estimate is inf throughout instead, as an overflowed full second moment is where it overflowed: no step.
-    return torch.where(torch.isfinite(mean), v, torch.full_like(v, math.inf))
+    # Adafactor's statistics (row and column sums of the squared rotated gradient), no eps
+    update_factored_moments_(state["exp_avg_sq_row"], state["exp_avg_sq_col"], rotated, beta2, eps=0.0)
+    return factored_second_moment(state["exp_avg_sq_row"], state["exp_avg_sq_col"])
