@@ -173,7 +173,8 @@ def adafactor_direction_(
     eps = group["eps"]
     if matrix is None:
         exp_avg_sq = state["exp_avg_sq"]
-        exp_avg_sq.lerp_(grad.square().add_(eps), 1 - beta2)
+        # multiply-add rather than lerp_: an overflowed (inf) moment stays inf instead of turning NaN
+        exp_avg_sq.mul_(beta2).add_(grad.square().add_(eps), alpha=1 - beta2)
         update = grad / exp_avg_sq.sqrt()
     else:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]

@@ -13,7 +13,6 @@ What is guaranteed (and asserted here):
   overflow float32: the Kronecker factors stay finite (a gradient whose Gram matrices could overflow
   contributes a zero Gram matrix), but second moments (``exp_avg_sq*``) become +inf where they
   overflowed, which stops the update there; torch.optim.Adam behaves identically (asserted bitwise).
-  Adafactor's factored statistics turn NaN (a known limitation, xfail).
 """
 from __future__ import annotations
 
@@ -301,17 +300,7 @@ def test_gradient_scales_keep_everything_finite(entry):
                         assert (q.T @ q - torch.eye(q.shape[0])).abs().max() < 1e-5, scale
 
 
-def _adafactor_xfail(entries):
-    return [
-        pytest.param(*p.values, id=p.id, marks=list(p.marks) + (
-            [pytest.mark.xfail(strict=True, reason="Adafactor's factored statistics overflow to inf and then "
-                               "NaN (inf - inf in lerp_, inf/inf in the row normalization): NaN params")]
-            if p.values[0].name == "adafactor" else []))
-        for p in entries
-    ]
-
-
-@pytest.mark.parametrize("entry", _adafactor_xfail(entry_params()))
+@pytest.mark.parametrize("entry", entry_params())
 def test_float32_gradients_of_1e20(entry):
     """Squares of 1e20 overflow float32. Params stay finite, no state is NaN, factors and bases stay
     finite; the second moments hold +inf where g^2 overflowed (the update there is 0)."""
