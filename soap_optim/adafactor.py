@@ -94,6 +94,8 @@ class Adafactor(SoapOptimizerBase):
         d: update clipping threshold on the RMS of :math:`U_t`.
         weight_decay: :math:`\lambda`, decoupled, applied in torch.optim.AdamW's order.
         maximize: maximize the objective instead of minimizing it.
+        orthograd: replace each gradient by its part orthogonal to the weights, rescaled to the
+            gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
 
     State per parameter: ``step``; ``exp_avg_sq_row`` (m) and ``exp_avg_sq_col`` (n) for factored
     tensors, ``exp_avg_sq`` (parameter-shaped) otherwise; ``exp_avg`` when ``beta1`` is set.
@@ -111,9 +113,11 @@ class Adafactor(SoapOptimizerBase):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        orthograd: bool = False,
     ) -> None:
         defaults = dict(
-            lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize
+            lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize,
+            orthograd=orthograd,
         )
         super().__init__(params, defaults)
 

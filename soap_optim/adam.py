@@ -236,6 +236,8 @@ class Adam(SoapOptimizerBase):
             imports (not with amsgrad); ``True``: the kernel or an error saying why it cannot run;
             ``False``: never.
         maximize: maximize the objective instead of minimizing it.
+        orthograd: replace each gradient by its part orthogonal to the weights, rescaled to the
+            gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad),
     as in torch.optim.Adam. Floating state is float32 (float64 for float64 parameters), so bf16/fp16
@@ -256,6 +258,7 @@ class Adam(SoapOptimizerBase):
         foreach: Optional[bool] = None,
         maximize: bool = False,
         fused: Optional[bool] = None,
+        orthograd: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -266,6 +269,7 @@ class Adam(SoapOptimizerBase):
             foreach=foreach,
             maximize=maximize,
             fused=fused,
+            orthograd=orthograd,
         )
         super().__init__(params, defaults)
 
@@ -351,7 +355,9 @@ class AdamW(Adam):
         foreach: Optional[bool] = None,
         maximize: bool = False,
         fused: Optional[bool] = None,
+        orthograd: bool = False,
     ) -> None:
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused,
+            orthograd=orthograd,
         )

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .extras import orthogonalize_grad_
 from .validation import check_bool
 
 
@@ -81,6 +82,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 if not param.is_floating_point():
                     raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {param.dtype}")
             check_bool("maximize", group["maximize"])
+            check_bool("orthograd", group["orthograd"])
             self._validate_group(group)
         except ValueError:
             self.param_groups.pop()
@@ -142,6 +144,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 loss = closure()
         self._check_gradients()
         for group in self.param_groups:
+            if group["orthograd"]:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        orthogonalize_grad_(param, param.grad)
             self._step_group(group)
         return loss
 

@@ -117,6 +117,8 @@ class Shampoo(SoapOptimizerBase):
         max_precond_dim, merge_dims, precondition_1d, data_format: the dims plan, exactly as in
             :class:`soap_optim.SOAP`. A tensor with no preconditioned axis takes the graft's step.
         maximize: maximize the objective instead of minimizing it.
+        orthograd: replace each gradient by its part orthogonal to the weights, rescaled to the
+            gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
 
     State per parameter (merged layout): ``step``, ``exp_avg``, ``exp_avg_sq`` (adam/rmsprop
     grafting only), ``factors`` and ``roots`` (one d x d matrix per axis, ``None`` for an axis that
@@ -143,6 +145,7 @@ class Shampoo(SoapOptimizerBase):
         data_format: str = "channels_first",
         *,
         maximize: bool = False,
+        orthograd: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -160,6 +163,7 @@ class Shampoo(SoapOptimizerBase):
             precondition_1d=precondition_1d,
             data_format=data_format,
             maximize=maximize,
+            orthograd=orthograd,
         )
         super().__init__(params, defaults)
 

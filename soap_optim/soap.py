@@ -91,6 +91,8 @@ class SOAP(SoapOptimizerBase):
             PyTorch users should keep ``"channels_first"``.
         correct_bias: Adam bias correction.
         maximize: maximize the objective instead of minimizing it.
+        orthograd: replace each gradient by its part orthogonal to the weights, rescaled to the
+            gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
         one_sided: keep one factor per parameter (see above).
         one_sided_dim: merged axis to precondition when ``one_sided`` (default: the smallest).
         factorized: factored second moment for 2-D (merged) parameters (see above).
@@ -132,6 +134,7 @@ class SOAP(SoapOptimizerBase):
         correct_bias: bool = True,
         *,
         maximize: bool = False,
+        orthograd: bool = False,
         one_sided: bool = False,
         one_sided_dim: Optional[int] = None,
         factorized: bool = False,
@@ -153,6 +156,7 @@ class SOAP(SoapOptimizerBase):
             data_format=data_format,
             correct_bias=correct_bias,
             maximize=maximize,
+            orthograd=orthograd,
             one_sided=one_sided,
             one_sided_dim=one_sided_dim,
             factorized=factorized,
