@@ -96,6 +96,8 @@ class Adafactor(SoapOptimizerBase):
         maximize: maximize the objective instead of minimizing it.
         orthograd: replace each gradient by its part orthogonal to the weights, rescaled to the
             gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
+        state_dtype: dtype of all floating state: ``None`` (float32, float64 for float64
+            parameters), ``torch.float32`` or ``torch.float64``.
 
     State per parameter: ``step``; ``exp_avg_sq_row`` (m) and ``exp_avg_sq_col`` (n) for factored
     tensors, ``exp_avg_sq`` (parameter-shaped) otherwise; ``exp_avg`` when ``beta1`` is set.
@@ -114,10 +116,12 @@ class Adafactor(SoapOptimizerBase):
         *,
         maximize: bool = False,
         orthograd: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
     ) -> None:
         defaults = dict(
             lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize,
             orthograd=orthograd,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -148,7 +152,7 @@ class Adafactor(SoapOptimizerBase):
         for param in group["params"]:
             if param.grad is None:
                 continue
-            grad = param.grad.to(state_dtype(param))
+            grad = param.grad.to(state_dtype(param, group))
             if group["maximize"]:
                 grad = -grad
             state = self.state[param]

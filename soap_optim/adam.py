@@ -198,7 +198,7 @@ def adam_(
         return
     if fused is None and hyper.get("amsgrad"):
         fused = False
-    if wants_kernels(fused, params):
+    if wants_kernels(fused, exp_avgs):
         _kernel_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, ops=get_ops(True), **hyper)
         return
     impl = _single_tensor_adam_ if foreach is False else _foreach_adam_
@@ -238,6 +238,8 @@ class Adam(SoapOptimizerBase):
         maximize: maximize the objective instead of minimizing it.
         orthograd: replace each gradient by its part orthogonal to the weights, rescaled to the
             gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
+        state_dtype: dtype of all floating state: ``None`` (float32, float64 for float64
+            parameters), ``torch.float32`` or ``torch.float64``.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad),
     as in torch.optim.Adam. Floating state is float32 (float64 for float64 parameters), so bf16/fp16
@@ -259,6 +261,7 @@ class Adam(SoapOptimizerBase):
         maximize: bool = False,
         fused: Optional[bool] = None,
         orthograd: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -270,6 +273,7 @@ class Adam(SoapOptimizerBase):
             maximize=maximize,
             fused=fused,
             orthograd=orthograd,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -298,7 +302,7 @@ class Adam(SoapOptimizerBase):
             state = self.state[param]
             if not state:
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param))
+                state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param, group))
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 if group["amsgrad"]:
                     state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
@@ -356,8 +360,9 @@ class AdamW(Adam):
         maximize: bool = False,
         fused: Optional[bool] = None,
         orthograd: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused,
-            orthograd=orthograd,
+            orthograd=orthograd, state_dtype=state_dtype,
         )

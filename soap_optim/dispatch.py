@@ -15,15 +15,15 @@ from typing import Iterable, Optional
 import torch
 
 
-def wants_kernels(fused: Optional[bool], params: Iterable[torch.Tensor]) -> bool:
-    """Whether the Triton kernels should run for ``params`` under the ``fused`` setting."""
+def wants_kernels(fused: Optional[bool], states: Iterable[torch.Tensor]) -> bool:
+    """Whether the Triton kernels should run, given the optimizer-state tensors they would update."""
     if fused is not None:
         return bool(fused)
     from . import kernels
 
-    # float64 parameters keep float64 state, which only the PyTorch twins accept.
-    params = list(params)
-    return all(p.is_cuda and p.dtype != torch.float64 for p in params) and kernels.triton_available()
+    # the kernels keep float32 state; float64 state (float64 parameters, or state_dtype) takes the twins
+    states = list(states)
+    return all(s.is_cuda and s.dtype == torch.float32 for s in states) and kernels.triton_available()
 
 
 def get_ops(fused: bool):
@@ -36,6 +36,6 @@ def get_ops(fused: bool):
     return kernels.get_ops(fused)
 
 
-def resolve_ops(fused: Optional[bool], params: Iterable[torch.Tensor]):
-    """The batched step ops for ``params`` under the ``fused`` setting."""
-    return get_ops(wants_kernels(fused, params))
+def resolve_ops(fused: Optional[bool], states: Iterable[torch.Tensor]):
+    """The batched step ops for the given optimizer-state tensors under the ``fused`` setting."""
+    return get_ops(wants_kernels(fused, states))

@@ -18,11 +18,18 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .extras import orthogonalize_grad_
-from .validation import check_bool
+from .validation import check_bool, check_choice
 
 
-def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """dtype of optimizer state for ``param``: float64 for float64 parameters, else float32."""
+STATE_DTYPES = (None, torch.float32, torch.float64)
+
+
+def state_dtype(param: torch.Tensor, group: Optional[Dict[str, Any]] = None) -> torch.dtype:
+    """dtype of optimizer state for ``param``: the group's ``state_dtype`` if set, else float64 for
+    float64 parameters and float32 for every other dtype (bf16/fp16 parameters get float32 state)."""
+    chosen = None if group is None else group.get("state_dtype")
+    if chosen is not None:
+        return chosen
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
@@ -83,6 +90,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {param.dtype}")
             check_bool("maximize", group["maximize"])
             check_bool("orthograd", group["orthograd"])
+            check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
             self._validate_group(group)
         except ValueError:
             self.param_groups.pop()
@@ -186,13 +194,13 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                             f"loaded state does not match {_describe(group_index, param_index, param)}: "
                             f"state[{key!r}]: {problem}"
                         )
-                pairs.append((param, value))
+                pairs.append((param, value, hyper))
         super().load_state_dict(state_dict)
         # torch.optim casts floating state to the parameter's dtype; keep the state's own precision.
-        for param, value in pairs:
+        for param, value, hyper in pairs:
             restored = {
                 key: (v.clone() if key == "step" and isinstance(v, torch.Tensor)
-                      else _cast_state(v, device=param.device, dtype=state_dtype(param)))
+                      else _cast_state(v, device=param.device, dtype=state_dtype(param, hyper)))
                 for key, v in value.items()
             }
             self.state[param] = restored

@@ -119,6 +119,8 @@ class Shampoo(SoapOptimizerBase):
         maximize: maximize the objective instead of minimizing it.
         orthograd: replace each gradient by its part orthogonal to the weights, rescaled to the
             gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
+        state_dtype: dtype of all floating state: ``None`` (float32, float64 for float64
+            parameters), ``torch.float32`` or ``torch.float64``.
 
     State per parameter (merged layout): ``step``, ``exp_avg``, ``exp_avg_sq`` (adam/rmsprop
     grafting only), ``factors`` and ``roots`` (one d x d matrix per axis, ``None`` for an axis that
@@ -146,6 +148,7 @@ class Shampoo(SoapOptimizerBase):
         *,
         maximize: bool = False,
         orthograd: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -164,6 +167,7 @@ class Shampoo(SoapOptimizerBase):
             data_format=data_format,
             maximize=maximize,
             orthograd=orthograd,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -201,7 +205,7 @@ class Shampoo(SoapOptimizerBase):
             if param.grad is None:
                 continue
             plan = plan_for(param, group)
-            grad = plan.to_merged(param.grad.to(state_dtype(param)))
+            grad = plan.to_merged(param.grad.to(state_dtype(param, group)))
             if group["maximize"]:
                 grad = -grad
             state = self.state[param]

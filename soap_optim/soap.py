@@ -93,6 +93,8 @@ class SOAP(SoapOptimizerBase):
         maximize: maximize the objective instead of minimizing it.
         orthograd: replace each gradient by its part orthogonal to the weights, rescaled to the
             gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
+        state_dtype: dtype of all floating state: ``None`` (float32, float64 for float64
+            parameters), ``torch.float32`` or ``torch.float64``.
         one_sided: keep one factor per parameter (see above).
         one_sided_dim: merged axis to precondition when ``one_sided`` (default: the smallest).
         factorized: factored second moment for 2-D (merged) parameters (see above).
@@ -135,6 +137,7 @@ class SOAP(SoapOptimizerBase):
         *,
         maximize: bool = False,
         orthograd: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
         one_sided: bool = False,
         one_sided_dim: Optional[int] = None,
         factorized: bool = False,
@@ -157,6 +160,7 @@ class SOAP(SoapOptimizerBase):
             correct_bias=correct_bias,
             maximize=maximize,
             orthograd=orthograd,
+            state_dtype=state_dtype,
             one_sided=one_sided,
             one_sided_dim=one_sided_dim,
             factorized=factorized,
@@ -201,7 +205,7 @@ class SOAP(SoapOptimizerBase):
             if param.grad is None:
                 continue
             plan = plan_for(param, group)
-            grad = plan.to_merged(param.grad.to(state_dtype(param)))
+            grad = plan.to_merged(param.grad.to(state_dtype(param, group)))
             if group["maximize"]:
                 grad = -grad
             state = self.state[param]
@@ -231,7 +235,7 @@ class SOAP(SoapOptimizerBase):
                 continue
             buckets.setdefault(key, []).append(item)
         if buckets:
-            ops = resolve_ops(group["fused"], (item.param for items in buckets.values() for item in items))
+            ops = resolve_ops(group["fused"], (item.state["exp_avg"] for items in buckets.values() for item in items))
             for key, items in buckets.items():
                 if key[0] == "elementwise":
                     soap_elementwise_update_(items, group, ops)
