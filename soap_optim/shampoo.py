@@ -16,7 +16,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .adam import adam_normalize, decay_then_update_
-from .eigenbasis import Plan, check_plan_options, initial_basis, plan_for, project, update_factors_, zero_factors
+from .dispatch import update_factors_maybe_fused_
+from .eigenbasis import Plan, check_plan_options, initial_basis, plan_for, project, zero_factors
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import (
     check_betas,
@@ -121,6 +122,9 @@ class Shampoo(SoapOptimizerBase):
             gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
         state_dtype: dtype of all floating state: ``None`` (float32, float64 for float64
             parameters), ``torch.float32`` or ``torch.float64``.
+        fused: the Kronecker factor update of 2-D (merged) tensors through the fused Triton kernel:
+            ``None`` for CUDA tensors with float32 state when triton imports, ``True`` always (an error
+            where it cannot run), ``False`` never.
 
     State per parameter (merged layout): ``step``, ``exp_avg``, ``exp_avg_sq`` (adam/rmsprop
     grafting only), ``factors`` and ``roots`` (one d x d matrix per axis, ``None`` for an axis that
@@ -149,6 +153,7 @@ class Shampoo(SoapOptimizerBase):
         maximize: bool = False,
         orthograd: bool = False,
         state_dtype: Optional[torch.dtype] = None,
+        fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -168,6 +173,7 @@ class Shampoo(SoapOptimizerBase):
             maximize=maximize,
             orthograd=orthograd,
             state_dtype=state_dtype,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -191,6 +197,7 @@ class Shampoo(SoapOptimizerBase):
                 )
         check_choice("grafting", group["grafting"], GRAFTINGS)
         check_plan_options(group)
+        check_choice("fused", group["fused"], (None, True, False))
 
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         plan = plan_for(param, group)
@@ -246,7 +253,7 @@ def shampoo_direction_(grad: torch.Tensor, state: Dict[str, Any], plan: Plan, gr
     if not plan.is_preconditioned:
         return momentum if graft is None else graft
     factors, roots = state["factors"], state["roots"]
-    update_factors_(factors, grad, group["shampoo_beta"])
+    update_factors_maybe_fused_(factors, grad, group["shampoo_beta"], group["fused"])
     start = group["start_preconditioning_step"]
     if step < start:
         return momentum if graft is None else graft

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the fused path cannot run")
 
-from soap_optim import SOAP, Adam, AdamW  # noqa: E402
+from soap_optim import SOAP, Adam, AdamW, Shampoo  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -77,6 +77,14 @@ def test_adam_fused_equals_torch(cls, kw):
     torch_cls = getattr(torch.optim, cls.__name__)
     theirs = _run(torch_cls, shapes, 8, lr=0.01, foreach=False, **kw)
     _assert_same(ours, theirs, dict(rtol=1e-5, atol=1e-6))
+
+
+def test_shampoo_fused_factor_update_equals_pytorch_path():
+    """Shampoo's Kronecker factors of matrices go through the fused factor kernel; roots every 3 steps."""
+    kw = dict(precondition_frequency=3, start_preconditioning_step=2, lr=0.01)
+    fused = _run(Shampoo, SHAPES, 8, fused=True, **kw)
+    pytorch = _run(Shampoo, SHAPES, 8, fused=False, **kw)
+    _assert_same(fused, pytorch, dict(rtol=1e-4, atol=1e-5))
 
 
 def test_fused_true_rejects_what_it_cannot_run():
