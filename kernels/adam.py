@@ -20,6 +20,9 @@ import triton.language as tl
 from ._triton_common import INTERPRETED, cast_rne, check_devices
 from .reference import as_tensor_list, check_adam_args
 
+# the largest float32: a second moment whose square overflowed is capped here instead of becoming inf
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
 # 1024 elements per program with 4 warps: 8 fp32 per thread per operand, wide enough for 128-bit
 # loads. Not measured on a GPU; a memory-bound kernel is insensitive to it within 512-4096.
 _BLOCK = 128 if INTERPRETED else 1024
@@ -36,6 +39,7 @@ def _adam_kernel(
     grad = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg = beta1 * tl.load(m_ptr + offsets, mask=mask, other=0.0) + (1.0 - beta1) * grad
     exp_avg_sq = beta2 * tl.load(v_ptr + offsets, mask=mask, other=0.0) + (1.0 - beta2) * grad * grad
+    exp_avg_sq = tl.minimum(exp_avg_sq, FLOAT32_MAX)  # an overflowed square is capped, as in the twin
     tl.store(m_ptr + offsets, exp_avg, mask=mask)
     tl.store(v_ptr + offsets, exp_avg_sq, mask=mask)
     if STEP_FROM_PTR:

@@ -187,6 +187,7 @@ def rotate_adam_(
         rotated = _matmul(q_left.to(dtype).mT, rotated, precision)
     exp_avg.mul_(beta1).add_(rotated, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
+    exp_avg_sq.clamp_(max=torch.finfo(exp_avg_sq.dtype).max)  # an overflowed square is capped, never inf
     return exp_avg / (exp_avg_sq.sqrt() + eps)
 
 
@@ -255,6 +256,7 @@ def adam_(
     torch._foreach_add_(exp_avg, grads, alpha=1.0 - beta1)
     torch._foreach_mul_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
+    torch._foreach_clamp_max_(exp_avg_sq, torch.finfo(exp_avg_sq[0].dtype).max)  # overflowed squares capped
     denom = torch._foreach_sqrt(exp_avg_sq)
     if denom_scale != 1.0:
         torch._foreach_mul_(denom, denom_scale)

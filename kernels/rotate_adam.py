@@ -33,6 +33,9 @@ from ._triton_common import (
 )
 from .reference import check_rotate_args
 
+# the largest float32: a second moment whose square overflowed is capped here instead of becoming inf
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
 
 @triton.autotune(
     configs=matmul_configs(), key=["M", "N", "K", "HAS_A", "PRECISION"], restore_value=["m_ptr", "v_ptr"]
@@ -66,6 +69,7 @@ def _rotate_adam_kernel(
     v_ptrs = v_ptr + batch * stride_vb + rows[:, None] * stride_vm + cols[None, :] * stride_vn
     exp_avg = beta1 * tl.load(m_ptrs, mask=mask, other=0.0) + (1.0 - beta1) * rotated
     exp_avg_sq = beta2 * tl.load(v_ptrs, mask=mask, other=0.0) + (1.0 - beta2) * rotated * rotated
+    exp_avg_sq = tl.minimum(exp_avg_sq, FLOAT32_MAX)  # an overflowed square is capped, as in the twin
     tl.store(m_ptrs, exp_avg, mask=mask)
     tl.store(v_ptrs, exp_avg_sq, mask=mask)
     # IEEE-rounded sqrt and division (tl.sqrt and "/" are approximate on NVIDIA GPUs): this is

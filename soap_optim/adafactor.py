@@ -39,8 +39,8 @@ def update_factored_moments_(
     """
     squared = grad.square().add_(eps)
     # multiply-add rather than lerp_: an overflowed (inf) statistic stays inf instead of inf - inf = NaN
-    row.mul_(beta2).add_(squared.sum(dim=1), alpha=1 - beta2)
-    col.mul_(beta2).add_(squared.sum(dim=0), alpha=1 - beta2)
+    row.mul_(beta2).add_(squared.sum(dim=1), alpha=1 - beta2).clamp_(max=torch.finfo(row.dtype).max)
+    col.mul_(beta2).add_(squared.sum(dim=0), alpha=1 - beta2).clamp_(max=torch.finfo(col.dtype).max)
 
 
 def factored_second_moment(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -182,7 +182,7 @@ def adafactor_direction_(
     if matrix is None:
         exp_avg_sq = state["exp_avg_sq"]
         # multiply-add rather than lerp_: an overflowed (inf) moment stays inf instead of turning NaN
-        exp_avg_sq.mul_(beta2).add_(grad.square().add_(eps), alpha=1 - beta2)
+        exp_avg_sq.mul_(beta2).add_(grad.square().add_(eps), alpha=1 - beta2).clamp_(max=torch.finfo(exp_avg_sq.dtype).max)
         update = grad / exp_avg_sq.sqrt()
     else:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]

@@ -69,7 +69,7 @@ def _single_tensor_adam_(
         step += 1
         t = step.item()
         exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).clamp_(max=torch.finfo(exp_avg_sq.dtype).max)
         second = exp_avg_sq
         if amsgrad:
             torch.maximum(max_exp_avg_sqs[index], exp_avg_sq, out=max_exp_avg_sqs[index])
@@ -119,6 +119,8 @@ def _foreach_adam_(
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        # a square that overflowed is capped at the dtype's max: the coordinate keeps moving, never inf
+        torch._foreach_clamp_max_(v, torch.finfo(dtype).max)
         if amsgrad:
             v_max = [max_exp_avg_sqs[i] for i in indices]
             torch._foreach_maximum_(v_max, v)
@@ -220,7 +222,9 @@ class Adam(SoapOptimizerBase):
               {\sqrt{\hat v_t / (1-\beta_2^t)} + \epsilon}
         \end{aligned}
 
-    Note that ``eps`` is added after bias correction (torch's convention; SOAP adds it before).
+    Note that ``eps`` is added after bias correction (torch's convention; SOAP adds it before). One
+    deliberate difference: where :math:`(1-\beta_2) g^2` overflows, :math:`v_t` is capped at the dtype's
+    max instead of becoming +inf, so state stays finite and the coordinate keeps moving.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.

@@ -244,7 +244,7 @@ def shampoo_direction_(grad: torch.Tensor, state: Dict[str, Any], plan: Plan, gr
     graft = None
     if grafting in ("adam", "rmsprop"):
         exp_avg_sq = state["exp_avg_sq"]
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).clamp_(max=torch.finfo(exp_avg_sq.dtype).max)
         bias_correction2 = 1 - beta2**step if grafting == "adam" else 1.0
         graft = adam_normalize(momentum, exp_avg_sq, bias_correction2, group["eps"])
     elif grafting == "sgd":

@@ -436,7 +436,9 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> 
 def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: float) -> torch.Tensor:
     """EMA of the squared rotated gradient; returns the second-moment estimate v (full or factored)."""
     if "exp_avg_sq" in state:
-        return state["exp_avg_sq"].mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
+        exp_avg_sq = state["exp_avg_sq"].mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
+        # a square that overflowed is capped at the dtype's max (as in the kernels): never inf in state
+        return exp_avg_sq.clamp_(max=torch.finfo(exp_avg_sq.dtype).max)
     # Adafactor's statistics (row and column sums of the squared rotated gradient), no eps
     update_factored_moments_(state["exp_avg_sq_row"], state["exp_avg_sq_col"], rotated, beta2, eps=0.0)
     return factored_second_moment(state["exp_avg_sq_row"], state["exp_avg_sq_col"])
