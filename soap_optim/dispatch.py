@@ -39,16 +39,19 @@ def get_ops(fused: bool):
 
 
 def update_factors_maybe_fused_(
-    factors: Sequence[Optional[torch.Tensor]], grad: torch.Tensor, beta: float, fused: Optional[bool]
+    factors: Sequence[Optional[torch.Tensor]], grad: torch.Tensor, beta: float, fused: Optional[bool],
+    guard_overflow: bool = True,
 ) -> None:
     """F_k <- beta F_k + (1 - beta) C_k for one tensor: a matrix's factors through the fused factor kernel
     when ``fused`` picks the kernels, everything else through the core's ``update_factors_``."""
     present = [f for f in factors if f is not None]
     if grad.dim() == 2 and present and wants_kernels(fused, present):
         rows = [None if f is None else f.unsqueeze(0) for f in factors]  # views: updated in place
-        get_ops(True).factor_ema_(rows[0], rows[1], without_overflowing_grams(grad).unsqueeze(0), beta)
+        if guard_overflow:
+            grad = without_overflowing_grams(grad)
+        get_ops(True).factor_ema_(rows[0], rows[1], grad.unsqueeze(0), beta)
     else:
-        update_factors_(factors, grad, beta)
+        update_factors_(factors, grad, beta, guard_overflow)
 
 
 def resolve_ops(fused: Optional[bool], states: Iterable[torch.Tensor]):

@@ -13,6 +13,7 @@ Subclasses implement ``_validate_group``, ``_step_group`` and ``_expected_state_
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -69,8 +70,15 @@ def _shape_mismatch(value: Any, expected: Any) -> Optional[str]:
     return None
 
 
+# ||G||_F above this (float32) may overflow a Gram matrix entry or its EMA (see without_overflowing_grams)
+_GRAM_SAFE_NORM = math.sqrt(torch.finfo(torch.float32).max / 4)
+
+
 class SoapOptimizerBase(torch.optim.Optimizer):
     """Shared machinery; not an optimizer by itself."""
+
+    # set by each step's gradient check; True makes the factor updates guard against overflow
+    _gradients_may_overflow = True
 
     def __init__(self, params, defaults: Dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -127,13 +135,18 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 if grad.numel():
                     grads.append(grad)
                     where.append(_describe(group_index, param_index, param))
+        self._gradients_may_overflow = False
         if not grads:
             return
         # Fast screen: a NaN/Inf entry makes the L2 norm non-finite. The L2 norm is ~30x cheaper than
         # the max-abs norm on CPU (3 ms vs 100 ms for 4M numbers), but can overflow for huge finite
-        # gradients, so a non-finite norm is confirmed entry by entry before raising.
-        norms = torch._foreach_norm(grads)
-        if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+        # gradients, so a non-finite norm is confirmed entry by entry before raising. The same norms say
+        # whether any gradient is large enough for its Gram matrices to overflow float32 (one host read
+        # for both), so the per-tensor overflow guard of the factor updates runs only then.
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        finite, huge = torch.stack([norms.isfinite().all(), (norms > _GRAM_SAFE_NORM).any()]).tolist()
+        self._gradients_may_overflow = huge or not finite
+        if finite:
             return
         finite = torch.stack([g.isfinite().all().cpu() for g in grads])
         if not bool(finite.all()):

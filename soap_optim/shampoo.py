@@ -226,12 +226,14 @@ class Shampoo(SoapOptimizerBase):
                 ]
             if group["grafting"] in ("adam", "rmsprop") and "exp_avg_sq" not in state:
                 state["exp_avg_sq"] = torch.zeros_like(grad)
-            direction = shampoo_direction_(grad, state, plan, group)
+            direction = shampoo_direction_(grad, state, plan, group, guard_overflow=self._gradients_may_overflow)
             lr = float(group["lr"])
             decay_then_update_(param, plan.from_merged(direction), lr, lr * group["weight_decay"])
 
 
-def shampoo_direction_(grad: torch.Tensor, state: Dict[str, Any], plan: Plan, group: Dict[str, Any]) -> torch.Tensor:
+def shampoo_direction_(
+    grad: torch.Tensor, state: Dict[str, Any], plan: Plan, group: Dict[str, Any], guard_overflow: bool = True
+) -> torch.Tensor:
     """Advance one parameter's state with ``grad`` (merged layout) and return its update direction."""
     beta1, beta2 = group["betas"]
     state["step"] += 1
@@ -253,7 +255,7 @@ def shampoo_direction_(grad: torch.Tensor, state: Dict[str, Any], plan: Plan, gr
     if not plan.is_preconditioned:
         return momentum if graft is None else graft
     factors, roots = state["factors"], state["roots"]
-    update_factors_maybe_fused_(factors, grad, group["shampoo_beta"], group["fused"])
+    update_factors_maybe_fused_(factors, grad, group["shampoo_beta"], group["fused"], guard_overflow)
     start = group["start_preconditioning_step"]
     if step < start:
         return momentum if graft is None else graft

@@ -199,6 +199,7 @@ class SOAP(SoapOptimizerBase):
         return shapes
 
     def _step_group(self, group: Dict[str, Any]) -> None:
+        guard = self._gradients_may_overflow
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
         ready = []
         for param in group["params"]:
@@ -210,12 +211,12 @@ class SOAP(SoapOptimizerBase):
                 grad = -grad
             state = self.state[param]
             if not state:
-                _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group))
+                _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard)
             else:
                 ready.append(_Item(param, grad, state, plan))
         if group["foreach"] is False:
             for item in ready:
-                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta)
+                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, guard)
             return
         buckets: Dict[Tuple, List[_Item]] = {}
         for item in ready:
@@ -231,7 +232,7 @@ class SOAP(SoapOptimizerBase):
                 # no rotation at all: plain elementwise Adam, batched over same-step tensors
                 key = ("elementwise", item.grad.dtype, item.grad.device, int(item.state["step"].item()))
             else:
-                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta)
+                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, guard)
                 continue
             buckets.setdefault(key, []).append(item)
         if buckets:
@@ -240,7 +241,7 @@ class SOAP(SoapOptimizerBase):
                 if key[0] == "elementwise":
                     soap_elementwise_update_(items, group, ops)
                 else:
-                    soap_bucket_update_(items, group, shampoo_beta, ops)
+                    soap_bucket_update_(items, group, shampoo_beta, ops, guard)
 
 
 class _Item(NamedTuple):
@@ -254,7 +255,9 @@ def _is_factored(plan: Plan, group: Dict[str, Any]) -> bool:
     return group["factorized"] and len(plan.merged_shape) == 2
 
 
-def _init_state(state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float, factored: bool) -> None:
+def _init_state(
+    state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float, factored: bool, guard: bool = True
+) -> None:
     """First step for a parameter: build factors and the first bases from ``grad``; no update."""
     state["step"] = torch.tensor(0.0)
     # contiguous whatever the gradient's strides (a channels_last merge gives a permuted view)
@@ -265,7 +268,7 @@ def _init_state(state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_b
     else:
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
     state["factors"] = zero_factors(plan.factor_dims, dtype=grad.dtype, device=grad.device)
-    update_factors_(state["factors"], grad, shampoo_beta)
+    update_factors_(state["factors"], grad, shampoo_beta, guard)
     state["bases"] = [None if f is None else initial_basis(f) for f in state["factors"]]
 
 
@@ -289,8 +292,11 @@ def soap_update_(
     plan: Plan,
     group: Dict[str, Any],
     shampoo_beta: float,
+    guard: bool = True,
 ) -> None:
-    """One SOAP step for one parameter; ``grad`` is in the merged layout and state precision."""
+    """One SOAP step for one parameter; ``grad`` is in the merged layout and state precision.
+
+    ``guard=False`` skips the factor-overflow check (the caller knows the gradient is small enough)."""
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
     bases, exp_avg = state["bases"], state["exp_avg"]
@@ -305,7 +311,7 @@ def soap_update_(
         update = update / (1e-30 + update.square().mean().sqrt())
     apply_update_(param, plan.from_merged(update), step_size, lr * group["weight_decay"])
 
-    update_factors_(state["factors"], grad, shampoo_beta)
+    update_factors_(state["factors"], grad, shampoo_beta, guard)
     _maybe_refresh_(state, step, group)
 
 
@@ -334,7 +340,9 @@ def _maybe_refresh_(state: Dict[str, Any], step: int, group: Dict[str, Any]) -> 
             permute_axes_(state["exp_avg_sq_col"], orders[1:])
 
 
-def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops) -> None:
+def soap_bucket_update_(
+    items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops, guard: bool = True
+) -> None:
     """One SOAP step for a bucket of parameters with one merged shape (2-D or more), through batched ops.
 
     State lives in stacked [B, ...] buffers (see ``buckets``); gradients and parameters are stacked for
@@ -375,7 +383,8 @@ def soap_bucket_update_(items: List[_Item], group: Dict[str, Any], shampoo_beta:
         direction, q_left, q_right, params.view(matrix), step_size=step_size,
         decay=float(group["lr"]) * group["weight_decay"], normalize=group["normalize_grads"], precision=precision,
     )
-    _bucket_factor_ema_(stacked_factors, without_overflowing_grams(grads, batch_dims=1), shampoo_beta, ops)
+    factor_grads = without_overflowing_grams(grads, batch_dims=1) if guard else grads
+    _bucket_factor_ema_(stacked_factors, factor_grads, shampoo_beta, ops)
     for index, item in enumerate(items):
         item.param.copy_(item.plan.from_merged(params[index]))
 

@@ -446,3 +446,17 @@ def test_rank_one_gradients(entry):
             for q in opt.state[p]["bases"]:
                 if q is not None:
                     assert (q.T @ q - torch.eye(q.shape[0])).abs().max() < 1e-5
+
+
+def test_overflow_guard_runs_only_for_huge_gradients():
+    """The gradient check's norms decide whether the factor updates need the overflow guard: off for
+    ordinary gradients (no extra pass over them), on as soon as one gradient's norm reaches ~9e18."""
+    param = nn.Parameter(torch.randn(4, 3))
+    opt = soap_optim.SOAP([param])
+    param.grad = torch.randn(4, 3)
+    opt.step()
+    assert opt._gradients_may_overflow is False
+    param.grad = torch.full((4, 3), 5e18)  # ||G||_F ~ 1.7e19 > sqrt(float32 max / 4) ~ 9.2e18
+    opt.step()
+    assert opt._gradients_may_overflow is True
+    assert all(torch.isfinite(f).all() for f in opt.state[param]["factors"])

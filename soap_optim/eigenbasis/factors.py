@@ -39,13 +39,16 @@ def without_overflowing_grams(grad: torch.Tensor, batch_dims: int = 0) -> torch.
     return torch.where(norm <= math.sqrt(torch.finfo(grad.dtype).max / 4), grad, grad.new_zeros(()))
 
 
-def update_factors_(factors: Sequence[Optional[torch.Tensor]], grad: torch.Tensor, beta: float) -> None:
+def update_factors_(
+    factors: Sequence[Optional[torch.Tensor]], grad: torch.Tensor, beta: float, guard_overflow: bool = True
+) -> None:
     """In place: F_k <- beta * F_k + (1 - beta) * C_k for every factor that exists.
 
     ``beta == 1`` is read as "accumulate": F_k <- F_k + C_k (AdaGrad-style sums, used by Shampoo).
-    A gradient whose Gram matrices could overflow counts as zero (see ``without_overflowing_grams``).
+    A gradient whose Gram matrices could overflow counts as zero (see ``without_overflowing_grams``);
+    ``guard_overflow=False`` skips that check for gradients already known to be small enough.
     """
-    if any(factor is not None for factor in factors):
+    if guard_overflow and any(factor is not None for factor in factors):
         grad = without_overflowing_grams(grad)
     for axis, factor in enumerate(factors):
         if factor is None:
