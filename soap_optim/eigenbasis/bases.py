@@ -29,18 +29,19 @@ def _warn_once(message: str) -> None:
 
 
 def _eigh(matrix: torch.Tensor) -> Optional[torch.Tensor]:
-    """Eigenvectors (ascending eigenvalues) of a symmetric matrix, retried in float64; None on failure."""
+    """Finite eigenvectors (ascending eigenvalues) of a symmetric matrix, retried in float64; None on failure.
+
+    A failure is an exception or non-finite vectors (a backend may return NaN instead of raising).
+    """
     jitter = _EIGH_JITTER * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    try:
-        vectors = torch.linalg.eigh(matrix + jitter)[1]
-        if bool(torch.isfinite(vectors).all()):  # a backend may return NaN instead of raising
+    for attempt in (matrix + jitter, matrix.double() + jitter.double()):
+        try:
+            vectors = torch.linalg.eigh(attempt)[1].to(matrix.dtype)
+        except Exception:  # torch raises torch.linalg.LinAlgError, backends differ
+            continue
+        if bool(torch.isfinite(vectors).all()):
             return vectors
-    except Exception:  # torch raises torch.linalg.LinAlgError, backends differ
-        pass
-    try:
-        return torch.linalg.eigh(matrix.double() + jitter.double())[1].to(matrix.dtype)
-    except Exception:
-        return None
+    return None
 
 
 def _orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def initial_basis(factor: torch.Tensor) -> torch.Tensor:
         _warn_once("soap_optim: a Kronecker factor is not finite; using the identity basis")
         return identity
     vectors = _eigh(factor)
-    if vectors is None or not bool(torch.isfinite(vectors).all()):
+    if vectors is None:
         _warn_once("soap_optim: eigh failed even in float64; using the identity basis")
         return identity
     return vectors.flip(1)

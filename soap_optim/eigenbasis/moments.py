@@ -42,17 +42,16 @@ def refresh_bases_(
     return orders
 
 
-def permute_axes_(x: torch.Tensor, orders: Orders, axes: Optional[Sequence[int]] = None, batch_dims: int = 0) -> None:
-    """In place: reorder ``x`` along each axis by ``orders[axis]``.
+def permute_axes_(x: torch.Tensor, orders: Orders, batch_dims: int = 0) -> None:
+    """In place: reorder ``x`` along each axis ``i`` by ``orders[i]`` (None: leave that axis).
 
-    ``axes[i]`` names the axis of ``x`` that follows ``orders[i]`` (default: the same index), so a
-    row statistic of a matrix is permuted with ``orders=[order_0]`` and a column one with
+    A row statistic of a matrix is permuted with ``orders=[order_0]`` and a column one with
     ``orders=[order_1]``. With ``batch_dims`` leading batch axes each order is a [*batch, d] stack.
     """
     for index, order in enumerate(orders):
         if order is None:
             continue
-        axis = (index if axes is None else axes[index]) + batch_dims
+        axis = index + batch_dims
         if batch_dims == 0:
             x.copy_(x.index_select(axis, order))
         else:
