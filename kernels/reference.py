@@ -139,7 +139,8 @@ def _rounded(x: torch.Tensor, precision: str) -> torch.Tensor:
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    return torch.matmul(_rounded(a, precision), _rounded(b, precision))
+    """[B, m, k] @ [B, k, n] (bmm directly: matmul would add broadcasting views around it)."""
+    return torch.bmm(_rounded(a, precision), _rounded(b, precision))
 
 
 # --------------------------------------------------------------------------- the four ops
@@ -155,11 +156,9 @@ def factor_ema_(
         if factor is None:
             continue
         g = grad.to(factor.dtype)
-        gram = torch.matmul(g.mT, g) if transpose_first else torch.matmul(g, g.mT)
-        if beta == 1.0:
-            factor.add_(gram)
-        else:
-            factor.mul_(beta).add_(gram, alpha=1.0 - beta)
+        a, b = (g.mT, g) if transpose_first else (g, g.mT)
+        # the EMA in the product's epilogue: F <- beta F + (1 - beta) A B, one BLAS call
+        factor.baddbmm_(a, b, beta=beta, alpha=1.0 - beta if beta != 1.0 else 1.0)
 
 
 def rotate_adam_(
@@ -188,7 +187,8 @@ def rotate_adam_(
     exp_avg.mul_(beta1).add_(rotated, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
     exp_avg_sq.clamp_(max=torch.finfo(exp_avg_sq.dtype).max)  # an overflowed square is capped, never inf
-    return exp_avg / (exp_avg_sq.sqrt() + eps)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    return torch.div(exp_avg, denom, out=denom)
 
 
 def unrotate_apply_(
@@ -210,16 +210,31 @@ def unrotate_apply_(
     """
     check_unrotate_args(direction, q_left, q_right, params, step_size, decay, precision)
     dtype = direction.dtype
-    update = direction
-    if q_right is not None:
-        update = _matmul(update, q_right.to(dtype).mT, precision)
-    if q_left is not None:
-        update = _matmul(q_left.to(dtype), update, precision)
-    if normalize:
-        rms = update.square().mean(dim=(1, 2), keepdim=True).sqrt()
-        update = update / (NORMALIZE_EPS + rms)
-    updated = params.to(dtype) - step_size.to(dtype).view(-1, 1, 1) * update
-    params.copy_(updated * (1.0 - decay))
+    keep = 1.0 - decay
+    target = params if params.dtype == dtype else params.to(dtype)
+    if normalize or precision == "bf16" or (q_left is None and q_right is None):
+        # explicit U (normalize needs its RMS; bf16 rounds N itself, as the kernels do)
+        update = direction
+        if q_right is not None:
+            update = _matmul(update, q_right.to(dtype).mT, precision)
+        if q_left is not None:
+            update = _matmul(q_left.to(dtype), update, precision)
+        if normalize:
+            rms = update.square().mean(dim=(1, 2), keepdim=True).sqrt()
+            update = update / (NORMALIZE_EPS + rms)
+        target.sub_(step_size.to(dtype).view(-1, 1, 1) * update).mul_(keep)
+    else:
+        # U is linear in N, so s N goes in and the last product's epilogue applies the update:
+        # (1 - decay)(P - s U) = (1 - decay) P - (1 - decay) s U, one BLAS call
+        scaled = direction * step_size.to(dtype).view(-1, 1, 1)
+        if q_left is None:
+            target.baddbmm_(scaled, q_right.to(dtype).mT, beta=keep, alpha=-keep)
+        else:
+            if q_right is not None:
+                scaled = torch.bmm(scaled, q_right.to(dtype).mT)
+            target.baddbmm_(q_left.to(dtype), scaled, beta=keep, alpha=-keep)
+    if target is not params:
+        params.copy_(target)
 
 
 def adam_(

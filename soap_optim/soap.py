@@ -218,8 +218,10 @@ class SOAP(SoapOptimizerBase):
             for item in ready:
                 soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, guard)
             return
+        steps = advance_steps([item.state for item in ready])
         buckets: Dict[Tuple, List[_Item]] = {}
-        for item in ready:
+        for item, step in zip(ready, steps):
+            item = item._replace(step=step)
             full_second_moment = "exp_avg_sq" in item.state
             if len(item.plan.merged_shape) >= 2 and full_second_moment and item.plan.is_preconditioned:
                 key = (item.plan.merged_shape, item.plan.preconditioned, item.grad.dtype, item.grad.device)
@@ -230,9 +232,9 @@ class SOAP(SoapOptimizerBase):
                 and item.plan.merged_shape == tuple(item.param.shape)
             ):
                 # no rotation at all: plain elementwise Adam, batched over same-step tensors
-                key = ("elementwise", item.grad.dtype, item.grad.device, int(item.state["step"].item()))
+                key = ("elementwise", item.grad.dtype, item.grad.device, step)
             else:
-                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, guard)
+                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, guard, step=step)
                 continue
             buckets.setdefault(key, []).append(item)
         if buckets:
@@ -249,6 +251,7 @@ class _Item(NamedTuple):
     grad: torch.Tensor  # merged layout, state precision, sign-flipped under maximize
     state: Dict[str, Any]
     plan: Plan
+    step: int = 0  # the step this update takes (state["step"] already advanced), on the batched path
 
 
 def _is_factored(plan: Plan, group: Dict[str, Any]) -> bool:
@@ -293,16 +296,19 @@ def soap_update_(
     group: Dict[str, Any],
     shampoo_beta: float,
     guard: bool = True,
+    step: Optional[int] = None,
 ) -> None:
     """One SOAP step for one parameter; ``grad`` is in the merged layout and state precision.
 
-    ``guard=False`` skips the factor-overflow check (the caller knows the gradient is small enough)."""
+    ``guard=False`` skips the factor-overflow check (the caller knows the gradient is small enough).
+    ``step``: the caller already advanced ``state["step"]`` to this value (None: advance it here)."""
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
     bases, exp_avg = state["bases"], state["exp_avg"]
 
     rotated = project(grad, bases)
-    step = _increment_step(state)
+    if step is None:
+        step = _increment_step(state)
     exp_avg.mul_(beta1).add_(rotated, alpha=1 - beta1)
     denom = _second_moment_update_(state, rotated, beta2).sqrt().add_(group["eps"])
     step_size = _step_size(group, step)
@@ -318,6 +324,15 @@ def soap_update_(
 def _increment_step(state: Dict[str, Any]) -> int:
     state["step"] += 1
     return int(state["step"].item())
+
+
+def advance_steps(states: List[Dict[str, Any]]) -> List[int]:
+    """``state["step"] += 1`` for every state in one op, and the new counts with one host read."""
+    if not states:
+        return []
+    counters = [state["step"] for state in states]
+    torch._foreach_add_(counters, 1.0)
+    return [int(count) for count in torch.stack(counters).tolist()]
 
 
 def _step_size(group: Dict[str, Any], step: int) -> float:
@@ -360,7 +375,7 @@ def soap_bucket_update_(
     grads = torch.stack([item.grad for item in items]).contiguous()  # stack keeps permuted strides
     exp_avg = stacked_state(states, "exp_avg")
     exp_avg_sq = stacked_state(states, "exp_avg_sq")
-    steps = [_increment_step(s) for s in states]
+    steps = [item.step for item in items]
     beta1, beta2 = group["betas"]
     precision = group["rotation_precision"]
     if len(shape) == 2:
@@ -427,7 +442,7 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> 
     """SOAP's step for parameters with no preconditioned axis and a common step count: Adam with the
     reference's conventions (eps before bias correction, decay after the update), one fused call."""
     beta1, beta2 = group["betas"]
-    step = [_increment_step(item.state) for item in items][0]
+    step = items[0].step
     ops.adam_(
         [item.param for item in items],
         [item.grad for item in items],

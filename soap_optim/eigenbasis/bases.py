@@ -70,18 +70,24 @@ def refreshed_basis(factor: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple
     Works on one d x d pair or on [..., d, d] stacks (``order`` is then [..., d]). None means the
     refresh was not possible (non-finite factor or failed QR, anywhere in a stack): keep ``basis``.
     """
-    if not bool(torch.isfinite(factor).all()):
-        _warn_once("soap_optim: a Kronecker factor is not finite; keeping the previous basis")
-        return None
     # One product serves both the eigenvalue estimates diag(O^T F O) and the power iteration F O.
     factor_basis = factor @ basis
     estimated = (basis * factor_basis).sum(dim=-2)
     order = torch.argsort(estimated, dim=-1, descending=True)
+    columns = torch.gather(factor_basis, -1, order.unsqueeze(-2).expand(factor_basis.shape))
     try:
-        new_basis = _orthonormal_factor(torch.take_along_dim(factor_basis, order.unsqueeze(-2), dim=-1))
+        new_basis = _orthonormal_factor(columns)
     except Exception:
         new_basis = None
+    # One host read for the usual case: every estimate and every entry of the new basis finite. (A
+    # non-finite factor entry makes F O, hence the QR input, non-finite; the entries of an orthonormal
+    # basis are bounded, so their sum is finite exactly when they all are.) Only a failure looks closer.
+    if new_basis is not None and bool(torch.isfinite(estimated.sum(dim=-1).sum() + new_basis.sum())):
+        return new_basis, order
+    if not bool(torch.isfinite(factor).all()):
+        _warn_once("soap_optim: a Kronecker factor is not finite; keeping the previous basis")
+        return None
     if new_basis is None or not bool(torch.isfinite(new_basis).all()):
         _warn_once("soap_optim: QR refresh failed; keeping the previous basis")
         return None
-    return new_basis, order
+    return new_basis, order  # finite throughout; only the sum of the estimates overflowed

@@ -13,9 +13,14 @@ from typing import List, Optional, Sequence
 import torch
 
 
+def unfold(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """The mode-``axis`` unfolding G_(axis): [x.shape[axis], everything else]."""
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
 def mode_gram(x: torch.Tensor, axis: int) -> torch.Tensor:
     """G_(axis) G_(axis)^T: the Gram matrix of the mode-``axis`` unfolding of ``x``."""
-    unfolded = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    unfolded = unfold(x, axis)
     return unfolded @ unfolded.T
 
 
@@ -53,8 +58,6 @@ def update_factors_(
     for axis, factor in enumerate(factors):
         if factor is None:
             continue
-        gram = mode_gram(grad, axis)
-        if beta == 1.0:
-            factor.add_(gram)
-        else:
-            factor.lerp_(gram, 1.0 - beta)
+        unfolded = unfold(grad, axis)
+        # the EMA in the product's epilogue: F <- beta F + (1 - beta) G_(k) G_(k)^T, one BLAS call
+        factor.addmm_(unfolded, unfolded.T, beta=beta, alpha=1.0 - beta if beta != 1.0 else 1.0)

@@ -55,7 +55,7 @@ def permute_axes_(x: torch.Tensor, orders: Orders, batch_dims: int = 0) -> None:
         if batch_dims == 0:
             x.copy_(x.index_select(axis, order))
         else:
-            # [*batch, d] -> [*batch, 1, .., d, .., 1] so that it broadcasts along the other axes
+            # [*batch, d] -> [*batch, 1, .., d, .., 1], expanded to x's shape (gather needs a full index)
             shape = list(order.shape[:batch_dims]) + [1] * (x.dim() - batch_dims)
             shape[axis] = order.shape[-1]
-            x.copy_(torch.take_along_dim(x, order.reshape(shape), dim=axis))
+            x.copy_(torch.gather(x, axis, order.reshape(shape).expand(x.shape)))
