@@ -93,10 +93,14 @@ def check_unrotate_args(direction, q_left, q_right, params, step_size, decay, pr
     for name, basis in (("q_left", q_left), ("q_right", q_right)):
         if basis is not None:
             _check_dtype(name, basis, _STATE_DTYPES)
-    if not isinstance(step_size, torch.Tensor) or tuple(step_size.shape) != (batch,):
-        got = tuple(step_size.shape) if isinstance(step_size, torch.Tensor) else type(step_size).__name__
-        raise ValueError(f"step_size must be a tensor of shape ({batch},) (one per matrix), got {got}")
-    _check_dtype("step_size", step_size, _STATE_DTYPES)
+    if not isinstance(step_size, float):
+        if not isinstance(step_size, torch.Tensor) or tuple(step_size.shape) != (batch,):
+            got = tuple(step_size.shape) if isinstance(step_size, torch.Tensor) else type(step_size).__name__
+            raise ValueError(
+                f"step_size must be a float (the same for every matrix) or a tensor of shape ({batch},) "
+                f"(one per matrix), got {got}"
+            )
+        _check_dtype("step_size", step_size, _STATE_DTYPES)
     if not decay >= 0.0:
         raise ValueError(f"decay must be >= 0, got {decay}")
     check_precision(precision)
@@ -197,13 +201,14 @@ def unrotate_apply_(
     q_right: Optional[torch.Tensor],
     params: torch.Tensor,
     *,
-    step_size: torch.Tensor,
+    step_size: Union[float, torch.Tensor],
     decay: float,
     normalize: bool = False,
     precision: str = "fp32",
 ) -> None:
     """U = Q_L N Q_R^T; params <- (1 - decay) (params - step_size[b] U), in place.
 
+    ``step_size``: one float for the whole bucket, or a [B] tensor (one per matrix, read on the device).
     With ``normalize``, U <- U / (1e-30 + sqrt(mean(U^2))) per matrix first. The update is computed in
     the direction's precision and stored in the params' dtype. The decay multiplies the already updated
     weights (the SOAP reference's order).
@@ -222,17 +227,23 @@ def unrotate_apply_(
         if normalize:
             rms = update.square().mean(dim=(1, 2), keepdim=True).sqrt()
             update = update / (NORMALIZE_EPS + rms)
-        target.sub_(step_size.to(dtype).view(-1, 1, 1) * update).mul_(keep)
+        if isinstance(step_size, float):
+            target.sub_(update, alpha=step_size).mul_(keep)
+        else:
+            target.sub_(step_size.to(dtype).view(-1, 1, 1) * update).mul_(keep)
     else:
-        # U is linear in N, so s N goes in and the last product's epilogue applies the update:
+        # U is linear in N, so the last product's epilogue can apply the update:
         # (1 - decay)(P - s U) = (1 - decay) P - (1 - decay) s U, one BLAS call
-        scaled = direction * step_size.to(dtype).view(-1, 1, 1)
+        if isinstance(step_size, float):
+            scaled, alpha = direction, -keep * step_size
+        else:
+            scaled, alpha = direction * step_size.to(dtype).view(-1, 1, 1), -keep
         if q_left is None:
-            target.baddbmm_(scaled, q_right.to(dtype).mT, beta=keep, alpha=-keep)
+            target.baddbmm_(scaled, q_right.to(dtype).mT, beta=keep, alpha=alpha)
         else:
             if q_right is not None:
                 scaled = torch.bmm(scaled, q_right.to(dtype).mT)
-            target.baddbmm_(q_left.to(dtype), scaled, beta=keep, alpha=-keep)
+            target.baddbmm_(q_left.to(dtype), scaled, beta=keep, alpha=alpha)
     if target is not params:
         params.copy_(target)
 

@@ -18,7 +18,7 @@ by a deterministic ``sum`` rather than atomics, so the step is bitwise reproduci
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -120,7 +120,7 @@ def unrotate_apply_(
     q_right: Optional[torch.Tensor],
     params: torch.Tensor,
     *,
-    step_size: torch.Tensor,
+    step_size: Union[float, torch.Tensor],
     decay: float,
     normalize: bool = False,
     precision: str = "fp32",
@@ -130,6 +130,8 @@ def unrotate_apply_(
     Same contract as ``reference.unrotate_apply_``; direction, bases and step_size must be float32.
     """
     check_unrotate_args(direction, q_left, q_right, params, step_size, decay, precision)
+    if isinstance(step_size, float):
+        step_size = torch.full((direction.shape[0],), step_size, dtype=torch.float32, device=direction.device)
     check_devices(direction, q_left, q_right, params, step_size)
     check_float32(direction=direction, q_left=q_left, q_right=q_right, step_size=step_size)
     check_matrix_size(direction, q_left, q_right)

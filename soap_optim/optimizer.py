@@ -111,7 +111,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
     def _check_gradients(self) -> None:
         """Reject sparse, complex and non-finite gradients before anything is modified."""
         grads: List[torch.Tensor] = []
-        where: List[str] = []
+        where: List[tuple] = []
         for group_index, group in enumerate(self.param_groups):
             for param_index, param in enumerate(group["params"]):
                 grad = param.grad
@@ -134,7 +134,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     )
                 if grad.numel():
                     grads.append(grad)
-                    where.append(_describe(group_index, param_index, param))
+                    where.append((group_index, param_index, param))  # described only on error
         self._gradients_may_overflow = False
         if not grads:
             return
@@ -152,7 +152,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if not bool(finite.all()):
             first_bad = int((~finite).nonzero()[0])
             raise FloatingPointError(
-                f"non-finite gradient (NaN or Inf) for {where[first_bad]}; the step was not taken and "
+                f"non-finite gradient (NaN or Inf) for {_describe(*where[first_bad])}; the step was not taken and "
                 f"parameters and optimizer state are unchanged"
             )
 

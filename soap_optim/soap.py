@@ -391,7 +391,10 @@ def soap_bucket_update_(
     )
     if outer_bases is not None:
         direction = project_back(direction.view(batch, *shape), outer_bases, batch_dims=1).reshape(matrix)
-    step_size = torch.tensor([_step_size(group, t) for t in steps], dtype=grads.dtype, device=grads.device)
+    if all(t == steps[0] for t in steps):
+        step_size = _step_size(group, steps[0])  # one float for the bucket (the usual case)
+    else:
+        step_size = torch.tensor([_step_size(group, t) for t in steps], dtype=grads.dtype, device=grads.device)
     # members share the merged shape, not necessarily their own shape (merge_dims): each uses its own plan
     params = torch.stack([item.plan.to_merged(item.param) for item in items]).contiguous()
     ops.unrotate_apply_(

@@ -127,15 +127,16 @@ def test_twin_rotate_adam_matches_float64_formula(sides):
         torch.testing.assert_close(direction.double(), expected_d, **tol)
 
 
+@pytest.mark.parametrize("one_step_size", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("sides", SIDES)
-def test_twin_unrotate_apply_matches_float64_formula(sides, normalize):
+def test_twin_unrotate_apply_matches_float64_formula(sides, normalize, one_step_size):
     gen = _generator("twin-unrotate", sides, normalize)
     batch, m, n = 2, 6, 3
     direction = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
     q_left, q_right = _bases(batch, m, n, sides, gen, torch.float64)
     params0 = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
-    step_size = torch.tensor([0.3, 0.05], dtype=torch.float64)
+    step_size = torch.tensor([0.3, 0.3] if one_step_size else [0.3, 0.05], dtype=torch.float64)
     decay = 0.1
     update = direction
     if q_left is not None:
@@ -148,9 +149,8 @@ def test_twin_unrotate_apply_matches_float64_formula(sides, normalize):
     for dtype, tol in ((torch.float64, dict(rtol=1e-12, atol=1e-12)), (torch.float32, dict(rtol=1e-5, atol=1e-5))):
         params = params0.to(dtype, copy=True)
         cast = [None if q is None else q.to(dtype) for q in (q_left, q_right)]
-        reference.unrotate_apply_(
-            direction.to(dtype), *cast, params, step_size=step_size.to(dtype), decay=decay, normalize=normalize
-        )
+        step = 0.3 if one_step_size else step_size.to(dtype)  # a float: one step size for the bucket
+        reference.unrotate_apply_(direction.to(dtype), *cast, params, step_size=step, decay=decay, normalize=normalize)
         torch.testing.assert_close(params.double(), expected, **tol)
 
 
@@ -314,6 +314,11 @@ def test_unrotate_apply_kernel_matches_twin(shape, sides, normalize):
     _check_unrotate(shape, sides, torch.float32, normalize, 0.1, "fp32")
 
 
+@pytest.mark.parametrize("sides", SIDES)
+def test_unrotate_apply_kernel_matches_twin_with_one_step_size(sides):
+    _check_unrotate((3, 9, 6), sides, torch.float32, False, 0.1, "fp32", one_step_size=True)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("decay", [0.0, 0.1])
 @pytest.mark.parametrize("normalize", [False, True])
@@ -322,13 +327,13 @@ def test_unrotate_apply_kernel_param_dtypes(param_dtype, normalize, decay, preci
     _check_unrotate((3, 17, 6), "both", param_dtype, normalize, decay, precision)
 
 
-def _check_unrotate(shape, sides, param_dtype, normalize, decay, precision):
+def _check_unrotate(shape, sides, param_dtype, normalize, decay, precision, one_step_size=False):
     gen = _generator("unrotate", shape, sides, param_dtype, normalize, decay, precision)
     batch, m, n = shape
     direction = torch.randn(shape, generator=gen)
     q_left, q_right = _bases(batch, m, n, sides, gen)
     params = torch.randn(shape, generator=gen).to(param_dtype)
-    step_size = torch.rand(batch, generator=gen) + 0.1
+    step_size = 0.37 if one_step_size else torch.rand(batch, generator=gen) + 0.1
     expected = params.clone()
     kwargs = dict(step_size=step_size, decay=decay, normalize=normalize, precision=precision)
     twin.unrotate_apply_(direction, q_left, q_right, expected, **kwargs)
@@ -473,7 +478,9 @@ def test_bad_arguments_raise_value_error(ops_name):
     with pytest.raises(ValueError, match="precision"):
         ops.rotate_adam_(g, None, None, m, v, beta1=0.9, beta2=0.9, eps=1e-8, precision="fp8")
     with pytest.raises(ValueError, match="step_size"):
-        ops.unrotate_apply_(m, None, None, g.clone(), step_size=0.1, decay=0.0)
+        ops.unrotate_apply_(m, None, None, g.clone(), step_size=torch.full((3,), 0.1), decay=0.0)
+    with pytest.raises(ValueError, match="step_size"):
+        ops.unrotate_apply_(m, None, None, g.clone(), step_size="0.1", decay=0.0)
     with pytest.raises(ValueError, match="same length"):
         ops.adam_([g], [g, g], [m], [v], beta1=0.9, beta2=0.9, eps=1e-8, step_size=0.1)
 
