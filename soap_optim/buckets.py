@@ -40,3 +40,33 @@ def stacked_state(states: Sequence[Dict[str, Any]], key: str, index: Optional[in
             else:
                 state[key][index] = base[row]
     return base
+
+
+def _flat_base(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The 1-D tensor that ``tensors`` tile, in order and back to back, or None."""
+    base = tensors[0]._base
+    if base is None or base.dim() != 1 or not base.is_contiguous():
+        return None
+    offset = base.storage_offset()
+    for tensor in tensors:
+        if tensor._base is not base or tensor.storage_offset() != offset or not tensor.is_contiguous():
+            return None
+        offset += tensor.numel()
+    return base if offset == base.storage_offset() + base.numel() else None
+
+
+def flat_state(states: Sequence[Dict[str, Any]], key: str) -> torch.Tensor:
+    """1-D buffer holding ``state[key]`` of every state back to back; the entries are views of it.
+
+    For tensors of different shapes stepped elementwise alike: one op over the buffer replaces one per
+    tensor. Entries that do not tile one buffer yet are concatenated into a new one and replaced by views.
+    """
+    tensors: List[torch.Tensor] = [s[key] for s in states]
+    base = _flat_base(tensors)
+    if base is None:
+        base = torch.cat([t.reshape(-1) for t in tensors])
+        offset = 0
+        for state, tensor in zip(states, tensors):
+            state[key] = base[offset : offset + tensor.numel()].view(tensor.shape)
+            offset += tensor.numel()
+    return base

@@ -20,7 +20,7 @@ from .eigenbasis import (
     zero_factors,
 )
 from .adafactor import factored_second_moment, update_factored_moments_
-from .buckets import stacked_state
+from .buckets import flat_state, stacked_state
 from .dispatch import resolve_ops
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import (
@@ -232,7 +232,7 @@ class SOAP(SoapOptimizerBase):
                 and item.plan.merged_shape == tuple(item.param.shape)
             ):
                 # no rotation at all: plain elementwise Adam, batched over same-step tensors
-                key = ("elementwise", item.grad.dtype, item.grad.device, step)
+                key = ("elementwise", item.grad.dtype, item.param.dtype, item.grad.device, step)
             else:
                 soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, guard, step=step)
                 continue
@@ -443,21 +443,31 @@ def _bucket_factor_ema_(factors: List[Optional[torch.Tensor]], grads: torch.Tens
 
 def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> None:
     """SOAP's step for parameters with no preconditioned axis and a common step count: Adam with the
-    reference's conventions (eps before bias correction, decay after the update), one fused call."""
+    reference's conventions (eps before bias correction, decay after the update), one fused call.
+
+    Two or more tensors are stepped as one flat vector: their moments live back to back in one buffer
+    (see ``buckets.flat_state``), gradients and parameters are concatenated for the step and the
+    parameters copied back, so the call costs a handful of ops (or one kernel launch) however many
+    small tensors (biases, norm gains) the bucket holds."""
     beta1, beta2 = group["betas"]
-    step = items[0].step
-    ops.adam_(
-        [item.param for item in items],
-        [item.grad for item in items],
-        [item.state["exp_avg"] for item in items],
-        [item.state["exp_avg_sq"] for item in items],
+    kwargs = dict(
         beta1=beta1,
         beta2=beta2,
         eps=group["eps"],
-        step_size=_step_size(group, step),
+        step_size=_step_size(group, items[0].step),
         decay=float(group["lr"]) * group["weight_decay"],
         decay_first=False,
     )
+    if len(items) == 1:
+        item = items[0]
+        ops.adam_(item.param, item.grad, item.state["exp_avg"], item.state["exp_avg_sq"], **kwargs)
+        return
+    states = [item.state for item in items]
+    exp_avg, exp_avg_sq = flat_state(states, "exp_avg"), flat_state(states, "exp_avg_sq")
+    params = [item.param for item in items]
+    flat_params = torch.cat([p.reshape(-1) for p in params])
+    ops.adam_(flat_params, torch.cat([item.grad.reshape(-1) for item in items]), exp_avg, exp_avg_sq, **kwargs)
+    torch._foreach_copy_(params, [row.view_as(p) for row, p in zip(flat_params.split([p.numel() for p in params]), params)])
 
 
 def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: float) -> torch.Tensor:
