@@ -18,10 +18,11 @@ def _stacked_base(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     base = tensors[0]._base
     if base is None or not base.is_contiguous() or tuple(base.shape) != (len(tensors), *tensors[0].shape):
         return None
-    row_bytes = base.stride(0) * base.element_size()
-    for index, tensor in enumerate(tensors):
-        if tensor._base is not base or tensor.data_ptr() != base.data_ptr() + index * row_bytes:
+    offset, row = base.storage_offset(), base.stride(0)
+    for tensor in tensors:
+        if tensor._base is not base or tensor.storage_offset() != offset:
             return None
+        offset += row
     return base
 
 

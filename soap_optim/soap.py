@@ -206,7 +206,8 @@ class SOAP(SoapOptimizerBase):
             if param.grad is None:
                 continue
             plan = plan_for(param, group)
-            grad = plan.to_merged(param.grad.to(state_dtype(param, group)))
+            grad, dtype = param.grad, state_dtype(param, group)
+            grad = plan.to_merged(grad if grad.dtype == dtype else grad.to(dtype))
             if group["maximize"]:
                 grad = -grad
             state = self.state[param]

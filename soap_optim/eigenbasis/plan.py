@@ -47,12 +47,14 @@ class Plan:
         """Parameter layout -> merged layout (a view whenever no permutation is needed)."""
         if self.permutation is not None:
             x = x.permute(self.permutation)
+        elif x.shape == self.merged_shape:
+            return x  # nothing merged: skip the (per-step, per-tensor) reshape call
         return x.reshape(self.merged_shape)
 
     def from_merged(self, x: torch.Tensor) -> torch.Tensor:
         """Merged layout -> parameter layout."""
         if self.permutation is None:
-            return x.reshape(self.shape)
+            return x if x.shape == self.shape else x.reshape(self.shape)
         permuted_shape = tuple(self.shape[i] for i in self.permutation)
         return x.reshape(permuted_shape).permute(_CHANNELS_FIRST_TO_LAST)
 
