@@ -24,13 +24,14 @@ def _run(shapes, dtype, steps, **kw):
     opt = SOAP(params, **kw)
     for t, step_grads in enumerate(grads):
         for index, (p, g) in enumerate(zip(params, step_grads)):
-            # one parameter skips a step, so bucket members have different step counts
-            p.grad = None if (index == 1 and t == 3) else g
+            # a matrix and a vector skip a step, so bucket members have different step counts
+            p.grad = None if (index in (1, len(params) - 1) and t == 3) else g
         opt.step()
     return params, opt
 
 
-SHAPES = [(6, 5), (6, 5), (6, 5), (5, 6), (4, 3, 2), (4, 3, 2), (3, 2, 2, 3), (7,), (12, 3)]
+# the vectors are stepped as one flat vector (unless preconditioned); the last one skips a step
+SHAPES = [(6, 5), (6, 5), (6, 5), (5, 6), (4, 3, 2), (4, 3, 2), (3, 2, 2, 3), (7,), (12, 3), (3,), (1,), (5,)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
@@ -63,3 +64,22 @@ def test_bf16_parameters_through_the_batched_path():
         assert pb.dtype == torch.bfloat16
         assert opt_b.state[pb]["exp_avg"].dtype == torch.float32
         torch.testing.assert_close(pb.float(), ps.float(), rtol=0, atol=1e-2)
+
+
+def test_unpreconditioned_tensors_share_one_flat_buffer():
+    """Vectors' moments become views of one buffer per step count (one op per stage), and every value
+    stays equal to the one-parameter path."""
+    params, opt = _run([(7,), (3,), (5,), (4,)], torch.float64, 6, foreach=None)
+    single, _ = _run([(7,), (3,), (5,), (4,)], torch.float64, 6, foreach=False)
+    for pb, ps in zip(params, single):
+        torch.testing.assert_close(pb, ps, rtol=0, atol=1e-14)
+    # vectors 1 and 3 skipped a step (see _run): the two same-step pairs each tile one buffer, in order
+    rows = [opt.state[p]["exp_avg"] for p in params]
+    for first, second in ((0, 2), (1, 3)):
+        base = rows[first]._base
+        assert base is not None and base.dim() == 1 and base.numel() == rows[first].numel() + rows[second].numel()
+        assert rows[second]._base is base
+        assert rows[first].storage_offset() == base.storage_offset()
+        assert rows[second].storage_offset() == base.storage_offset() + rows[first].numel()
+    assert rows[0]._base is not rows[1]._base
+    assert [tuple(r.shape) for r in rows] == [(7,), (3,), (5,), (4,)]

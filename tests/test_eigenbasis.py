@@ -166,3 +166,19 @@ def test_eigh_and_qr_failures_keep_previous_basis_with_a_warning(monkeypatch):
         assert refresh_bases_([factor], bases, exp_avg) == [None]
     assert torch.equal(bases[0], previous)
     assert torch.equal(exp_avg, snapshot[0]) and torch.equal(exp_avg_sq, snapshot[1])
+
+
+def test_refresh_of_a_huge_but_finite_factor_is_kept():
+    """The one-read finiteness check sums the eigenvalue estimates, which may overflow for a finite
+    factor near the dtype's limit; the refresh must then still succeed (only truly non-finite fails)."""
+    d = 64
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(3)))
+    eigenvalues = torch.linspace(1.0, 2.0, d) * 1e37  # their sum (~1e39) overflows float32
+    factor = (q * eigenvalues) @ q.T
+    assert torch.isfinite(factor).all() and not torch.isfinite(factor.diagonal().sum() * 10)
+    result = refreshed_basis(factor, q)
+    assert result is not None
+    basis, order = result
+    assert torch.isfinite(basis).all()
+    torch.testing.assert_close(basis.T @ basis, torch.eye(d), rtol=0, atol=1e-5)
+    assert torch.equal(order, torch.arange(d - 1, -1, -1))  # estimates ascend with the column index

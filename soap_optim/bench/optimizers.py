@@ -20,7 +20,7 @@ BASELINE = "torch-adamw"
 
 @dataclass(frozen=True)
 class Hyper:
-    lr: float = 3e-3
+    lr: float = 1e-2
     betas: Tuple[float, float] = (0.95, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.01

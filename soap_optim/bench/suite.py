@@ -34,7 +34,7 @@ class Settings:
     depth: int = 2
     context: int = 64
     batch_size: int = 32
-    lrs: Tuple[float, ...] = (3e-3,)
+    lrs: Tuple[float, ...] = (1e-2,)
     betas: Tuple[float, float] = (0.95, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.01
