@@ -468,7 +468,12 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> 
     params = [item.param for item in items]
     flat_params = torch.cat([p.reshape(-1) for p in params])
     ops.adam_(flat_params, torch.cat([item.grad.reshape(-1) for item in items]), exp_avg, exp_avg_sq, **kwargs)
-    torch._foreach_copy_(params, [row.view_as(p) for row, p in zip(flat_params.split([p.numel() for p in params]), params)])
+    rows = [row.view_as(p) for row, p in zip(flat_params.split([p.numel() for p in params]), params)]
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(params, rows)
+    else:  # older torch
+        for param, row in zip(params, rows):
+            param.copy_(row)
 
 
 def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: float) -> torch.Tensor:
