@@ -332,7 +332,7 @@ def advance_steps(states: List[Dict[str, Any]]) -> List[int]:
     if not states:
         return []
     counters = [state["step"] for state in states]
-    torch._foreach_add_(counters, 1.0)
+    torch._foreach_add_(counters, 1)
     return [int(count) for count in torch.stack(counters).tolist()]
 
 
