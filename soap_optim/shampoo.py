@@ -17,7 +17,7 @@ import torch
 
 from .adam import adam_normalize, decay_then_update_
 from .dispatch import update_factors_maybe_fused_
-from .eigenbasis import Plan, check_plan_options, initial_basis, plan_for, project, zero_factors
+from .eigenbasis import Plan, all_finite, check_plan_options, initial_basis, plan_for, project, zero_factors
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import (
     check_betas,
@@ -39,7 +39,7 @@ def inverse_root(factor: torch.Tensor, exponent: float, matrix_eps: float) -> Op
     are clamped to zero first. An all-zero factor (no gradient seen on that axis) gives the identity.
     Returns None when the factor is not finite: the caller keeps its previous root.
     """
-    if not bool(torch.isfinite(factor).all()):
+    if not all_finite(factor):
         return None
     # The core's eigh (float64 retry, identity fallback); the eigenvalues are the Rayleigh quotients
     # diag(Q^T F Q), exact to rounding for eigenvectors.

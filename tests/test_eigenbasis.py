@@ -1,4 +1,5 @@
 """The shared eigenbasis core, unit by unit, against float64 re-computation and closed forms."""
+import math
 import warnings
 
 import pytest
@@ -169,16 +170,30 @@ def test_eigh_and_qr_failures_keep_previous_basis_with_a_warning(monkeypatch):
 
 
 def test_refresh_of_a_huge_but_finite_factor_is_kept():
-    """The one-read finiteness check sums the eigenvalue estimates, which may overflow for a finite
-    factor near the dtype's limit; the refresh must then still succeed (only truly non-finite fails)."""
+    """The cheap finiteness check reads the factor's sum, which overflows for a finite factor near the
+    dtype's limit; the refresh must then still succeed (only a truly non-finite factor is refused)."""
     d = 64
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(3)))
-    eigenvalues = torch.linspace(1.0, 2.0, d) * 1e37  # their sum (~1e39) overflows float32
+    eigenvalues = torch.linspace(1.0, 2.0, d) * 1e37  # sum of F's entries: 64 x ~1.5e37, over float32's max
     factor = (q * eigenvalues) @ q.T
-    assert torch.isfinite(factor).all() and not torch.isfinite(factor.diagonal().sum() * 10)
+    assert torch.isfinite(factor).all() and not torch.isfinite(factor.sum())
     result = refreshed_basis(factor, q)
     assert result is not None
     basis, order = result
     assert torch.isfinite(basis).all()
     torch.testing.assert_close(basis.T @ basis, torch.eye(d), rtol=0, atol=1e-5)
     assert torch.equal(order, torch.arange(d - 1, -1, -1))  # estimates ascend with the column index
+
+
+def test_all_finite_reads_the_sum_first_and_settles_overflow_entry_by_entry():
+    from soap_optim.eigenbasis import all_finite
+
+    assert all_finite(torch.ones(4, 5))
+    assert all_finite(torch.full((4, 5), 3e38))  # the sum overflows, every entry is finite
+    for bad in (math.nan, math.inf, -math.inf):
+        x = torch.ones(4, 5)
+        x[2, 3] = bad
+        assert not all_finite(x)
+    x = torch.full((2, 2), 3e38)
+    x[0, 0] = -math.inf  # +inf + -inf in the sum: NaN, still caught
+    assert not all_finite(x)
