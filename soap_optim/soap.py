@@ -215,11 +215,11 @@ class SOAP(SoapOptimizerBase):
                 _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard)
             else:
                 ready.append(_Item(param, grad, state, plan))
-        if group["foreach"] is False:
-            for item in ready:
-                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, guard)
-            return
         steps = advance_steps([item.state for item in ready])
+        if group["foreach"] is False:
+            for item, step in zip(ready, steps):
+                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, step, guard)
+            return
         buckets: Dict[Tuple, List[_Item]] = {}
         for item, step in zip(ready, steps):
             item = item._replace(step=step)
@@ -235,7 +235,7 @@ class SOAP(SoapOptimizerBase):
                 # no rotation at all: plain elementwise Adam, batched over same-step tensors
                 key = ("elementwise", item.grad.dtype, item.param.dtype, item.grad.device, step)
             else:
-                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, guard, step=step)
+                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, step, guard)
                 continue
             buckets.setdefault(key, []).append(item)
         if buckets:
@@ -252,7 +252,7 @@ class _Item(NamedTuple):
     grad: torch.Tensor  # merged layout, state precision, sign-flipped under maximize
     state: Dict[str, Any]
     plan: Plan
-    step: int = 0  # the step this update takes (state["step"] already advanced), on the batched path
+    step: int = 0  # the step this update takes (state["step"] already advanced by advance_steps)
 
 
 def _is_factored(plan: Plan, group: Dict[str, Any]) -> bool:
@@ -296,20 +296,19 @@ def soap_update_(
     plan: Plan,
     group: Dict[str, Any],
     shampoo_beta: float,
+    step: int,
     guard: bool = True,
-    step: Optional[int] = None,
 ) -> None:
     """One SOAP step for one parameter; ``grad`` is in the merged layout and state precision.
 
-    ``guard=False`` skips the factor-overflow check (the caller knows the gradient is small enough).
-    ``step``: the caller already advanced ``state["step"]`` to this value (None: advance it here)."""
+    ``step``: the step this update takes (the caller has advanced ``state["step"]`` to it, see
+    ``advance_steps``). ``guard=False`` skips the factor-overflow check (the caller knows the gradient is
+    small enough)."""
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
     bases, exp_avg = state["bases"], state["exp_avg"]
 
     rotated = project(grad, bases)
-    if step is None:
-        step = _increment_step(state)
     exp_avg.mul_(beta1).add_(rotated, alpha=1 - beta1)
     denom = _second_moment_update_(state, rotated, beta2).sqrt().add_(group["eps"])
     step_size = _step_size(group, step)
@@ -320,11 +319,6 @@ def soap_update_(
 
     update_factors_(state["factors"], grad, shampoo_beta, guard)
     _maybe_refresh_(state, step, group)
-
-
-def _increment_step(state: Dict[str, Any]) -> int:
-    state["step"] += 1
-    return int(state["step"].item())
 
 
 def advance_steps(states: List[Dict[str, Any]]) -> List[int]:
