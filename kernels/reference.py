@@ -216,6 +216,11 @@ def unrotate_apply_(
     check_unrotate_args(direction, q_left, q_right, params, step_size, decay, precision)
     dtype = direction.dtype
     keep = 1.0 - decay
+    # s U = scalar * (per_matrix * U): one float for the bucket, or a [B, 1, 1] scale per matrix
+    if isinstance(step_size, float):
+        scalar, per_matrix = step_size, None
+    else:
+        scalar, per_matrix = 1.0, step_size.to(dtype).view(-1, 1, 1)
     target = params if params.dtype == dtype else params.to(dtype)
     if normalize or precision == "bf16" or (q_left is None and q_right is None):
         # explicit U (normalize needs its RMS; bf16 rounds N itself, as the kernels do)
@@ -227,23 +232,19 @@ def unrotate_apply_(
         if normalize:
             rms = update.square().mean(dim=(1, 2), keepdim=True).sqrt()
             update = update / (NORMALIZE_EPS + rms)
-        if isinstance(step_size, float):
-            target.sub_(update, alpha=step_size).mul_(keep)
-        else:
-            target.sub_(step_size.to(dtype).view(-1, 1, 1) * update).mul_(keep)
+        if per_matrix is not None:
+            update = per_matrix * update
+        target.sub_(update, alpha=scalar).mul_(keep)
     else:
         # U is linear in N, so the last product's epilogue can apply the update:
         # (1 - decay)(P - s U) = (1 - decay) P - (1 - decay) s U, one BLAS call
-        if isinstance(step_size, float):
-            scaled, alpha = direction, -keep * step_size
-        else:
-            scaled, alpha = direction * step_size.to(dtype).view(-1, 1, 1), -keep
+        scaled = direction if per_matrix is None else direction * per_matrix
         if q_left is None:
-            target.baddbmm_(scaled, q_right.to(dtype).mT, beta=keep, alpha=alpha)
+            target.baddbmm_(scaled, q_right.to(dtype).mT, beta=keep, alpha=-keep * scalar)
         else:
             if q_right is not None:
                 scaled = torch.bmm(scaled, q_right.to(dtype).mT)
-            target.baddbmm_(q_left.to(dtype), scaled, beta=keep, alpha=alpha)
+            target.baddbmm_(q_left.to(dtype), scaled, beta=keep, alpha=-keep * scalar)
     if target is not params:
         params.copy_(target)
 
