@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .adam import decay_then_update_
-from .optimizer import SoapOptimizerBase, state_dtype
+from .optimizer import Slot, SoapOptimizerBase
 from .validation import check_lr, check_non_negative, check_unit_interval
 
 
@@ -117,13 +117,16 @@ class Adafactor(SoapOptimizerBase):
         maximize: bool = False,
         orthograd: bool = False,
         state_dtype: Optional[torch.dtype] = None,
+        skip_nonfinite_grads: bool = False,
+        process_group=None,
     ) -> None:
         defaults = dict(
             lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize,
             orthograd=orthograd,
             state_dtype=state_dtype,
+            skip_nonfinite_grads=skip_nonfinite_grads,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -148,15 +151,10 @@ class Adafactor(SoapOptimizerBase):
             shapes["exp_avg"] = tuple(param.shape)
         return shapes
 
-    def _step_group(self, group: Dict[str, Any]) -> None:
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            grad = param.grad.to(state_dtype(param, group))
-            if group["maximize"]:
-                grad = -grad
-            state = self.state[param]
-            matrix = factored_shape(tuple(param.shape))
+    def _step_group(self, group: Dict[str, Any], slots: List[Slot]) -> None:
+        for slot in slots:
+            grad, state = slot.grad, slot.state
+            matrix = factored_shape(tuple(slot.param.shape))
             if not state:
                 state["step"] = torch.tensor(0.0)
                 if matrix is None:
@@ -168,7 +166,7 @@ class Adafactor(SoapOptimizerBase):
                 state["exp_avg"] = torch.zeros_like(grad)
             update = adafactor_direction_(grad, state, matrix, group)
             lr = float(group["lr"])
-            decay_then_update_(param, update, lr, lr * group["weight_decay"])
+            decay_then_update_(slot.param, update, lr, lr * group["weight_decay"])
 
 
 def adafactor_direction_(

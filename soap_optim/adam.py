@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .dispatch import get_ops, wants_kernels
-from .optimizer import SoapOptimizerBase, state_dtype
+from .optimizer import Slot, SoapOptimizerBase
 from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
 
 
@@ -266,6 +266,8 @@ class Adam(SoapOptimizerBase):
         fused: Optional[bool] = None,
         orthograd: bool = False,
         state_dtype: Optional[torch.dtype] = None,
+        skip_nonfinite_grads: bool = False,
+        process_group=None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -278,8 +280,9 @@ class Adam(SoapOptimizerBase):
             fused=fused,
             orthograd=orthograd,
             state_dtype=state_dtype,
+            skip_nonfinite_grads=skip_nonfinite_grads,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -298,23 +301,24 @@ class Adam(SoapOptimizerBase):
             shapes["max_exp_avg_sq"] = tuple(param.shape)
         return shapes
 
-    def _step_group(self, group: Dict[str, Any]) -> None:
+    def _is_elementwise(self, shape: torch.Size, hyper: Dict[str, Any]) -> bool:
+        return True
+
+    def _step_group(self, group: Dict[str, Any], slots: List[Slot]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            state = self.state[param]
+        for slot in slots:
+            state = slot.state
             if not state:
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param, group))
+                state["exp_avg"] = torch.zeros_like(slot.param, dtype=slot.grad.dtype)
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 if group["amsgrad"]:
                     state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
                 # amsgrad switched on mid-run: the running maximum starts from the current moment.
                 state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-            params.append(param)
-            grads.append(param.grad)
+            params.append(slot.param)
+            grads.append(slot.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             if group["amsgrad"]:
@@ -337,7 +341,7 @@ class Adam(SoapOptimizerBase):
             weight_decay=float(group["weight_decay"]),
             decoupled_weight_decay=self._decoupled_weight_decay,
             amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
+            maximize=False,  # the base's effective gradient is already sign-flipped
         )
 
 
@@ -365,8 +369,11 @@ class AdamW(Adam):
         fused: Optional[bool] = None,
         orthograd: bool = False,
         state_dtype: Optional[torch.dtype] = None,
+        skip_nonfinite_grads: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused,
-            orthograd=orthograd, state_dtype=state_dtype,
+            orthograd=orthograd, state_dtype=state_dtype, skip_nonfinite_grads=skip_nonfinite_grads,
+            process_group=process_group,
         )

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -52,6 +53,23 @@ def update_factors_maybe_fused_(
         get_ops(True).factor_ema_(rows[0], rows[1], grad.unsqueeze(0), beta)
     else:
         update_factors_(factors, grad, beta, guard_overflow)
+
+
+def fused_problem(tensors: Sequence[torch.Tensor], state_dtype: torch.dtype) -> Optional[str]:
+    """Why ``fused=True`` cannot run for these parameters with state in ``state_dtype``, or None."""
+    from . import kernels
+
+    if state_dtype != torch.float32:
+        return f"the fused kernels keep float32 state, and this group's state is {state_dtype}"
+    if not kernels.triton_available():
+        return "Triton cannot be imported"
+    on_cpu = [t for t in tensors if not t.is_cuda]
+    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            "the fused kernels need CUDA tensors (or Triton's CPU interpreter, TRITON_INTERPRET=1, for tests), "
+            f"and a parameter is on {on_cpu[0].device}"
+        )
+    return None
 
 
 def resolve_ops(fused: Optional[bool], states: Iterable[torch.Tensor]):

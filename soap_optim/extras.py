@@ -1,6 +1,6 @@
 """Small, optimizer-independent helpers.
 
-* :func:`orthogonalize_grad_`: the "⊥Grad" of Prieto et al., "Grokking at the Edge of Numerical
+* :func:`orthogonal_gradient` (and in place, :func:`orthogonalize_grad_`): the "⊥Grad" of Prieto et al., "Grokking at the Edge of Numerical
   Stability" (2025): drop the gradient's component along the weights, keep its norm.
 * :func:`param_groups_for_weight_decay`: the usual split of a model's parameters into a decayed
   group (weight matrices, conv kernels) and a non-decayed one (biases, norm layers, embeddings).
@@ -15,9 +15,14 @@ from torch import nn
 from .validation import check_non_negative
 
 
+def _power_of_two_at_most(x: torch.Tensor) -> torch.Tensor:
+    """2^floor(log2(x)) for a positive normal ``x`` (a 0-d tensor)."""
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 1)
+
+
 @torch.no_grad()
-def orthogonalize_grad_(param: torch.Tensor, grad: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
-    r"""In place: replace ``grad`` by its part orthogonal to ``param``, rescaled to the original norm.
+def orthogonal_gradient(param: torch.Tensor, grad: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+    r"""``grad``'s part orthogonal to ``param``, rescaled to ``grad``'s norm, as a new tensor.
 
     With :math:`w` and :math:`g` the flattened tensors:
 
@@ -27,18 +32,32 @@ def orthogonalize_grad_(param: torch.Tensor, grad: torch.Tensor, eps: float = 1e
 
     The whole tensor is one vector. A zero ``param`` leaves ``grad`` as it is (up to the
     :math:`\epsilon` in the norm ratio); ``eps`` only guards the divisions. The arithmetic is done in
-    float32 (float64 for float64 tensors) and ``grad`` is returned.
+    float32 (float64 for float64 tensors) on ``w`` and ``g`` divided by their largest magnitudes: the
+    result does not depend on those scales, and no dot product overflows for finite inputs (a gradient
+    near the dtype's max gives a finite result of the same norm).
     """
     if grad.shape != param.shape:
         raise ValueError(f"grad of shape {tuple(grad.shape)} does not match param of shape {tuple(param.shape)}")
     dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    tiny = torch.finfo(dtype).tiny
     w = param.reshape(-1).to(dtype)
     g = grad.reshape(-1).to(dtype)
+    if g.numel() == 0:
+        return grad.clone()
+    # powers of two, so that scaling is exact (a zero ``param`` gives back ``grad`` bit for bit)
+    g_scale = _power_of_two_at_most(g.abs().amax().clamp_min(tiny))
+    w = w / _power_of_two_at_most(w.abs().amax().clamp_min(tiny))
+    g = g / g_scale
     along = torch.dot(w, g) / (torch.dot(w, w) + eps)
     perpendicular = g - along * w
-    scale = torch.linalg.vector_norm(g) / (torch.linalg.vector_norm(perpendicular) + eps)
-    grad.copy_((perpendicular * scale).reshape(grad.shape))
-    return grad
+    ratio = torch.linalg.vector_norm(g) / (torch.linalg.vector_norm(perpendicular) + eps)
+    return (perpendicular * ratio * g_scale).reshape(grad.shape).to(grad.dtype)
+
+
+@torch.no_grad()
+def orthogonalize_grad_(param: torch.Tensor, grad: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+    """In place: ``grad.copy_(orthogonal_gradient(param, grad, eps))``; returns ``grad``."""
+    return grad.copy_(orthogonal_gradient(param, grad, eps))
 
 
 # Modules whose own parameters (gains, shifts, lookup tables) are not decayed.

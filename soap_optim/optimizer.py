@@ -1,28 +1,48 @@
 """The base every soap_optim optimizer shares.
 
-It owns what is the same for the whole family:
+It owns what is the same for the whole family, so that each optimizer file holds only its math:
 
-* ``step(closure)``: the closure runs with grad enabled; every gradient is checked (sparse,
-  complex, non-finite) *before* any parameter or state is touched; then each group is stepped.
-* argument validation per param group (also for ``add_param_group``), rolled back on error;
-* ``load_state_dict``: shapes are checked against the parameters before anything is loaded, and
-  optimizer state keeps its own precision (float32, float64 for float64 parameters) instead of
-  being cast to the parameter's dtype as torch.optim would do for bf16/fp16 parameters.
+* ``step(closure)``, whole or not at all. Before anything is modified: every group's hyperparameters
+  are validated again (a scheduler or the user may have changed them since the last step), the state
+  layout is checked against the options it was built with, and every gradient is checked (sparse,
+  complex, wrong shape, then non-finite) as the math will see it: in the state's dtype, after
+  ``orthograd`` (see :mod:`soap_optim.gradient_check`). Only then are the groups stepped.
+* Distribution: a :class:`soap_optim.distributed.Distribution` says which parameters this rank steps
+  and with which tensors (the parameter, its local shard, or a gathered full copy), sums the gradient
+  check over ranks, and brings the new values to every rank. On one process it hands every parameter
+  through unchanged; the math never knows how many ranks there are.
+* Argument validation per param group (also for ``add_param_group`` and ``load_state_dict``), rolled
+  back on error; real-valued hyperparameters may be numbers or 0-d tensors, read as floats each step.
+* ``load_state_dict`` with torch.optim's conventions (pre- and post-hooks, missing hyperparameters
+  filled from the defaults, plain-number ``step``), plus shape and hyperparameter checks before
+  anything is loaded, and optimizer state kept in its own precision (float32, float64 for float64
+  parameters) instead of being cast to the parameter's dtype as torch.optim would for bf16/fp16.
 
-Subclasses implement ``_validate_group``, ``_step_group`` and ``_expected_state_shapes``.
+Subclasses implement ``_validate_group``, ``_step_group(hyper, slots)`` and ``_expected_state_shapes``,
+and may refine ``_is_elementwise``, ``_cost`` and ``_max_grad_norm``.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+import warnings
+from collections import defaultdict
+from copy import deepcopy
+from itertools import chain
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .extras import orthogonalize_grad_
-from .validation import check_bool, check_choice
+from . import gradient_check
+from .dispatch import fused_problem
+from .distributed import Distribution, make_distribution
+from .gradient_check import describe
+from .validation import as_number, check_bool, check_choice
 
 
 STATE_DTYPES = (None, torch.float32, torch.float64)
+
+# float8 and other exotic floating dtypes have no arithmetic the optimizers can run
+PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def state_dtype(param: torch.Tensor, group: Optional[Dict[str, Any]] = None) -> torch.dtype:
@@ -34,8 +54,13 @@ def state_dtype(param: torch.Tensor, group: Optional[Dict[str, Any]] = None) -> 
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def _describe(group_index: int, param_index: int, param: torch.Tensor) -> str:
-    return f"parameter {param_index} of param group {group_index} (shape {tuple(param.shape)})"
+class Slot(NamedTuple):
+    """One parameter as the math sees it for one step."""
+
+    param: torch.Tensor  # updated in place: the parameter, its local shard, or a full copy of it
+    grad: torch.Tensor  # the effective gradient (state dtype, orthograd, maximize applied); never written
+    state: Dict[str, Any]  # this parameter's optimizer state, created lazily by the math
+    shape: torch.Size  # the parameter's (global) shape, which plans are made from
 
 
 def _cast_state(value: Any, *, device, dtype) -> Any:
@@ -70,23 +95,67 @@ def _shape_mismatch(value: Any, expected: Any) -> Optional[str]:
     return None
 
 
+def _floating_dtypes(value: Any) -> set:
+    """dtypes of the floating tensors in a (nested) state value."""
+    if isinstance(value, torch.Tensor):
+        return {value.dtype} if value.is_floating_point() else set()
+    if isinstance(value, dict):
+        return set().union(*(_floating_dtypes(v) for v in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_floating_dtypes(v) for v in value)) if value else set()
+    return set()
+
+
+def _step_count(value: Any) -> torch.Tensor:
+    """A loaded ``step``: a 0-d float32 tensor whatever it was saved as (tensor, int or float)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float32, copy=True).reshape(())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"loaded state has an invalid step count {value!r} (must be a number >= 0)")
+    return torch.tensor(float(value))
+
+
 # ||G||_F above this (float32) may overflow a Gram matrix entry or its EMA (see without_overflowing_grams)
-_GRAM_SAFE_NORM = math.sqrt(torch.finfo(torch.float32).max / 4)
+_GRAM_SAFE_SQUARED_NORM = torch.finfo(torch.float32).max / 4
 
 
 class SoapOptimizerBase(torch.optim.Optimizer):
     """Shared machinery; not an optimizer by itself."""
 
+    # group options the state's layout depends on: changing one after state exists is an error
+    _layout_keys: Tuple[str, ...] = ("state_dtype",)
+
     # set by each step's gradient check; True makes the factor updates guard against overflow
     _gradients_may_overflow = True
 
-    def __init__(self, params, defaults: Dict[str, Any]) -> None:
+    def __init__(self, params, defaults: Dict[str, Any], *, process_group=None) -> None:
+        defaults = {**defaults}
+        defaults.setdefault("skip_nonfinite_grads", False)
+        self._distribution: Distribution = make_distribution(process_group)
+        self._warned_skip = False
+        self._layouts: Dict[torch.Tensor, Tuple[str, ...]] = {}  # per parameter with state: _layout_key
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # torch.optim's convention: options a saved group lacks take this optimizer's defaults
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._own_defaults().items():
+                group.setdefault(key, value)
+            group.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_distribution", make_distribution(None))
+        self.__dict__.setdefault("_warned_skip", False)
+        self.__dict__.setdefault("_layouts", {})
+
+    def _own_defaults(self) -> Dict[str, Any]:
+        """This optimizer's defaults, without the keys torch.optim adds for itself (``differentiable``)."""
+        return {key: value for key, value in self.defaults.items() if key != "differentiable"}
 
     # ----------------------------------------------------------------- param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        group.setdefault("skipped_steps", 0)
         try:
             for param in group["params"]:
                 if param.is_complex():
@@ -94,67 +163,176 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support complex parameters "
                         f"(got one of shape {tuple(param.shape)}); use torch.view_as_real"
                     )
-                if not param.is_floating_point():
-                    raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {param.dtype}")
-            check_bool("maximize", group["maximize"])
-            check_bool("orthograd", group["orthograd"])
-            check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
-            self._validate_group(group)
+                if param.dtype not in PARAM_DTYPES:
+                    raise ValueError(
+                        f"{type(self).__name__} needs floating-point parameters (float16, bfloat16, float32 or float64), "
+                        f"got {param.dtype}"
+                    )
+            hyper = self._check_group(group)
+            self._check_can_step(hyper, group["params"])
+            self._distribution.check_params(group["params"])
         except ValueError:
             self.param_groups.pop()
             raise
+        self._distribution.invalidate()
+
+    def _check_group(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """Validate a group's hyperparameters (ValueError, nothing changed); return them read as numbers."""
+        hyper = {key: as_number(value) for key, value in group.items() if key != "params"}
+        check_bool("maximize", hyper["maximize"])
+        check_bool("orthograd", hyper["orthograd"])
+        check_bool("skip_nonfinite_grads", hyper["skip_nonfinite_grads"])
+        check_choice("state_dtype", hyper["state_dtype"], STATE_DTYPES)
+        self._validate_group(hyper)
+        return hyper
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         raise NotImplementedError
 
+    # ----------------------------------------------------------------- what subclasses may refine
+    def _is_elementwise(self, shape: torch.Size, hyper: Dict[str, Any]) -> bool:
+        """Whether a parameter's update is elementwise (each entry depends only on the same entry of its
+        gradient and state, and its state is parameter-shaped), so that it can be stepped shard by shard."""
+        return False
+
+    def _cost(self, shape: torch.Size, hyper: Dict[str, Any]) -> float:
+        """Relative cost of one parameter's step (flops, amortized over refreshes), for ownership."""
+        return float(math.prod(shape))
+
+    def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
+        """The largest gradient Frobenius norm the math can take in ``dtype`` without overflowing."""
+        return math.inf
+
     # ----------------------------------------------------------------- step
-    def _check_gradients(self) -> None:
-        """Reject sparse, complex and non-finite gradients before anything is modified."""
-        grads: List[torch.Tensor] = []
-        where: List[tuple] = []
+    def _layout_key(self, hyper: Dict[str, Any], param: torch.Tensor) -> Tuple[str, ...]:
+        """What a parameter's state layout was built from: the layout options, its dtype and shape."""
+        options = tuple(f"{key}={hyper.get(key)!r}" for key in self._layout_keys)
+        return options + (f"parameter dtype={param.dtype}", f"shape={tuple(param.shape)}")
+
+    def _check_layout(self, hyper: Dict[str, Any], param: torch.Tensor, where: str) -> None:
+        """ValueError if the state of ``param`` was built under other layout options or another dtype."""
+        built = self._layouts.get(param)
+        if built is None:
+            return
+        current = self._layout_key(hyper, param)
+        if built != current:
+            changed = [(old, new) for old, new in zip(built, current) if old != new]
+            raise ValueError(
+                f"{type(self).__name__}: the state of {where} was built with {', '.join(o for o, _ in changed)}, "
+                f"but it now has {', '.join(n for _, n in changed)}. These decide the state's layout and cannot "
+                f"change once the state exists: build a new optimizer for the new setting (nothing was modified)"
+            )
+
+    def _prepare_step(self) -> Optional[List[Tuple[Dict[str, Any], List[Slot]]]]:
+        """Everything that can fail, before anything is modified: the groups to step and their slots,
+        or None when the step is skipped (non-finite gradients under ``skip_nonfinite_grads``)."""
+        name = type(self).__name__
+        hypers = [self._check_group(group) for group in self.param_groups]
+        for hyper, group in zip(hypers, self.param_groups):
+            self._check_can_step(hyper, [p for p in group["params"] if p.grad is not None])
         for group_index, group in enumerate(self.param_groups):
             for param_index, param in enumerate(group["params"]):
-                grad = param.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise ValueError(
-                        f"{type(self).__name__} does not support sparse gradients "
-                        f"({_describe(group_index, param_index, param)})"
+                if param.grad is not None:
+                    gradient_check.check_structure(
+                        name, describe(group_index, param_index, param.shape), param, param.grad
                     )
-                if grad.is_complex():
-                    raise ValueError(
-                        f"{type(self).__name__} does not support complex gradients "
-                        f"({_describe(group_index, param_index, param)})"
-                    )
-                if grad.shape != param.shape:
-                    raise ValueError(
-                        f"gradient of shape {tuple(grad.shape)} does not match "
-                        f"{_describe(group_index, param_index, param)}"
-                    )
+        work = self._distribution.gather(self, self.param_groups, hypers)
+        grads_per_group: List[List[torch.Tensor]] = []
+        grads, indices, limits = [], [], []
+        for group_index, (hyper, items) in enumerate(zip(hypers, work)):
+            effective = []
+            for item in items:
+                if self.state.get(item.param):
+                    self._check_layout(hyper, item.param, describe(group_index, item.param_index, item.param.shape))
+                grad = gradient_check.effective_gradient(
+                    item.tensor, item.grad, state_dtype(item.param, hyper),
+                    orthograd=hyper["orthograd"], maximize=hyper["maximize"],
+                )
+                effective.append(grad)
                 if grad.numel():
                     grads.append(grad)
-                    where.append((group_index, param_index, param))  # described only on error
-        self._gradients_may_overflow = False
-        if not grads:
-            return
-        # Fast screen: a NaN/Inf entry makes the L2 norm non-finite. The L2 norm is ~30x cheaper than
-        # the max-abs norm on CPU (3 ms vs 100 ms for 4M numbers), but can overflow for huge finite
-        # gradients, so a non-finite norm is confirmed entry by entry before raising. The same norms say
-        # whether any gradient is large enough for its Gram matrices to overflow float32 (one host read
-        # for both), so the per-tensor overflow guard of the factor updates runs only then.
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-        finite, huge = torch.stack([norms.isfinite().all(), (norms > _GRAM_SAFE_NORM).any()]).tolist()
-        self._gradients_may_overflow = huge or not finite
-        if finite:
-            return
-        finite = torch.stack([g.isfinite().all().cpu() for g in grads])
-        if not bool(finite.all()):
-            first_bad = int((~finite).nonzero()[0])
-            raise FloatingPointError(
-                f"non-finite gradient (NaN or Inf) for {_describe(*where[first_bad])}; the step was not taken and "
-                f"parameters and optimizer state are unchanged"
+                    indices.append(item.global_index)
+                    limits.append(self._max_grad_norm(item.param.shape, hyper, grad.dtype))
+            grads_per_group.append(effective)
+        if not self._gradients_are_fine(grads, indices, limits, hypers):
+            return None
+        return [
+            (hyper, [Slot(item.tensor, grad, self.state[item.param], item.param.shape) for item, grad in zip(items, effective)])
+            for hyper, items, effective in zip(hypers, work, grads_per_group)
+        ]
+
+    def _check_can_step(self, hyper: Dict[str, Any], params: Sequence[torch.Tensor]) -> None:
+        """What the group's options need from its tensors: ``fused=True`` needs the kernels to run."""
+        if hyper.get("fused") is True and params:
+            dtypes = {state_dtype(p, hyper) for p in params}
+            for dtype in dtypes:
+                problem = fused_problem(params, dtype)
+                if problem is not None:
+                    raise ValueError(f"{type(self).__name__}: fused=True cannot run here: {problem}; use fused=None or False")
+
+    def _gradients_are_fine(self, grads, indices, limits, hypers) -> bool:
+        """The screen over every gradient this rank holds, summed over ranks: False to skip the step,
+        FloatingPointError to refuse it; either way nothing is modified."""
+        count = self._distribution.num_params(self.param_groups)
+        squares = torch.zeros(count, dtype=torch.float64)
+        if grads:
+            squares.index_add_(0, torch.tensor(indices), gradient_check.squared_norms(grads).cpu())
+        squares = self._distribution.all_reduce_sum(squares)
+        flagged = (~torch.isfinite(squares)).nonzero().flatten().tolist()
+        bad: Dict[int, bool] = {}
+        if flagged:
+            # rare: look at the flagged gradients entry by entry (and without overflow), again over ranks
+            mine = [k for k, index in enumerate(indices) if index in set(flagged)]
+            is_bad, exact = gradient_check.confirm_nonfinite([grads[k] for k in mine])
+            flags = torch.zeros(count, dtype=torch.float64)
+            exact_squares = torch.zeros(count, dtype=torch.float64)
+            for k, b, e in zip(mine, is_bad, exact):
+                flags[indices[k]] += float(b)
+                if not b:
+                    exact_squares[indices[k]] += e
+            flags, exact_squares = self._distribution.all_reduce_sum(torch.stack([flags, exact_squares])).unbind(0)
+            for index in flagged:
+                bad[index] = bool(flags[index] > 0)
+                if not bad[index]:
+                    squares[index] = exact_squares[index]
+        self._gradients_may_overflow = bool((squares > _GRAM_SAFE_SQUARED_NORM).any())
+        # per-parameter limits of the math (e.g. SOAP's rotation): the owner knows them; every rank
+        # learns the verdict from the summed vector, so the comparison runs where the limit is known
+        too_large = torch.zeros(count, dtype=torch.float64)
+        for k, index in enumerate(indices):
+            if limits[k] < math.inf and not bad.get(index, False) and math.sqrt(squares[index]) > limits[k]:
+                too_large[index] = 1.0
+        if math.isfinite(max(limits, default=math.inf)) or self._distribution.world_size > 1:
+            too_large = self._distribution.all_reduce_sum(too_large)
+        problems = [i for i in range(count) if bad.get(i, False) or too_large[i] > 0]
+        if not problems:
+            return True
+        first = problems[0]
+        group_index, param_index, param = self._distribution.locate(self.param_groups, first)
+        where = describe(group_index, param_index, param.shape)
+        if bad.get(first, False):
+            reason = f"non-finite gradient (NaN or Inf, in the state's dtype) for {where}"
+        else:
+            reason = (
+                f"gradient too large for {where}: its norm {math.sqrt(float(squares[first])):.3e} is above what "
+                f"{type(self).__name__} can rotate in {state_dtype(param, hypers[group_index])} without overflow"
             )
+        skip = all(
+            hypers[self._distribution.locate(self.param_groups, i)[0]]["skip_nonfinite_grads"] for i in problems
+        )
+        if not skip:
+            raise FloatingPointError(f"{reason}; the step was not taken and parameters and optimizer state are unchanged")
+        for group in self.param_groups:
+            group["skipped_steps"] = group.get("skipped_steps", 0) + 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                f"{type(self).__name__}: {reason}; skipping the step (skip_nonfinite_grads=True; skipped steps "
+                f"are counted in each param group's 'skipped_steps'; warned once)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -163,16 +341,20 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_gradients()
-        for group in self.param_groups:
-            if group["orthograd"]:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        orthogonalize_grad_(param, param.grad)
-            self._step_group(group)
+        work = self._prepare_step()
+        if work is None:
+            return loss
+        for (hyper, slots), group in zip(work, self.param_groups):
+            if slots:
+                self._step_group(hyper, slots)
+        self._distribution.scatter(self)
+        for hyper, group in zip((h for h, _ in work), self.param_groups):
+            for param in group["params"]:
+                if param not in self._layouts and self.state.get(param):
+                    self._layouts[param] = self._layout_key(hyper, param)
         return loss
 
-    def _step_group(self, group: Dict[str, Any]) -> None:
+    def _step_group(self, hyper: Dict[str, Any], slots: List[Slot]) -> None:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- state_dict
@@ -180,40 +362,86 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         """For each state key: the expected shape, or a list of shapes / None for list entries."""
         raise NotImplementedError
 
+    def state_dict(self) -> Dict[str, Any]:
+        """torch.optim's state dict; distributed, each rank's share in a form DCP saves and reshards
+        (see :mod:`soap_optim.distributed`)."""
+        return self._distribution.export_state_dict(self, super().state_dict())
+
+    def _state_device(self, param: torch.Tensor) -> torch.device:
+        return param.to_local().device if hasattr(param, "to_local") else param.device
+
+    def consolidate_state_dict(self, to: int = 0) -> Optional[Dict[str, Any]]:
+        """The whole optimizer's state dict in single-process form, on rank ``to`` (None on the others).
+
+        A collective under DDP (``process_group=``) or FSDP2: every rank must call it. The result loads
+        into a single-process optimizer, or into a sharded one at any world size. On one process it is
+        ``state_dict()``.
+        """
+        return self._distribution.consolidate(self, super().state_dict(), to)
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        saved_groups = state_dict["param_groups"]
+        """Load a state dict, as torch.optim does, after checking it; nothing changes if a check fails.
+
+        Pre-hooks run first (a returned dict replaces the loaded one), then: the numbers of groups and
+        parameters, every loaded group's hyperparameters (missing ones taken from this optimizer's
+        defaults, as torch.optim's ``__setstate__`` does), and every state tensor's shape against what
+        the parameter needs. State keeps its precision (float32, or float64 for float64 parameters or
+        ``state_dtype``); a plain-number ``step`` becomes a tensor. Post-hooks run last.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = deepcopy(state_dict["param_groups"])
         saved_state = state_dict["state"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, "
                 f"this optimizer has {len(self.param_groups)}"
             )
-        pairs = []
+        new_groups, hypers = [], []
         for group_index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"param group {group_index} of the loaded state dict has {len(saved['params'])} "
                     f"parameters, this optimizer's has {len(group['params'])}"
                 )
-            hyper = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            new_group = {**self._own_defaults(), "skipped_steps": 0, **saved, "params": group["params"]}
+            if "param_names" in group and "param_names" not in saved:
+                new_group["param_names"] = group["param_names"]
+            try:
+                hypers.append(self._check_group(new_group))
+            except ValueError as error:
+                raise ValueError(f"param group {group_index} of the loaded state dict: {error}") from None
+            new_groups.append(new_group)
+        self._distribution.plan(self, new_groups, hypers, loading=True)
+        restored = {}
+        for group_index, (saved, group, hyper) in enumerate(zip(saved_groups, self.param_groups, hypers)):
             for param_index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
                 if saved_id not in saved_state:
                     continue
-                value = saved_state[saved_id]
+                value = self._distribution.import_state(self, param, saved_state[saved_id])
+                if value is None:  # another rank's
+                    continue
+                where = describe(group_index, param_index, param.shape)
                 for key, expected in self._expected_state_shapes(param, hyper).items():
-                    problem = _shape_mismatch(value.get(key), expected)
+                    problem = _shape_mismatch(value.get(key), self._distribution.local_shapes(param, expected))
                     if problem is not None:
-                        raise ValueError(
-                            f"loaded state does not match {_describe(group_index, param_index, param)}: "
-                            f"state[{key!r}]: {problem}"
-                        )
-                pairs.append((param, value, hyper))
-        super().load_state_dict(state_dict)
-        # torch.optim casts floating state to the parameter's dtype; keep the state's own precision.
-        for param, value, hyper in pairs:
-            restored = {
-                key: (v.clone() if key == "step" and isinstance(v, torch.Tensor)
-                      else _cast_state(v, device=param.device, dtype=state_dtype(param, hyper)))
+                        raise ValueError(f"loaded state does not match {where}: state[{key!r}]: {problem}")
+                if "step" in value:
+                    _step_count(value["step"])  # raises for a bad count
+                restored[param] = (value, hyper)
+        known = set(chain.from_iterable(g["params"] for g in saved_groups))
+        state: Dict[Any, Dict[str, Any]] = defaultdict(dict)
+        for param, (value, hyper) in restored.items():
+            state[param] = {
+                key: (_step_count(v) if key == "step" else _cast_state(v, device=self._state_device(param), dtype=state_dtype(param, hyper)))
                 for key, v in value.items()
             }
-            self.state[param] = restored
+        state.update({k: v for k, v in saved_state.items() if k not in known})  # torch keeps such entries
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        self._layouts = {param: self._layout_key(hyper, param) for param, (_, hyper) in restored.items()}
+        self._distribution.invalidate()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

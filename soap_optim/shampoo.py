@@ -11,14 +11,24 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .adam import adam_normalize, decay_then_update_
 from .dispatch import update_factors_maybe_fused_
-from .eigenbasis import Plan, all_finite, check_plan_options, initial_basis, plan_for, project, zero_factors
-from .optimizer import SoapOptimizerBase, state_dtype
+from .eigenbasis import (
+    Plan,
+    all_finite,
+    check_plan_options,
+    initial_basis,
+    plan_for,
+    plan_for_shape,
+    project,
+    unpreconditioned_plan,
+    zero_factors,
+)
+from .optimizer import Slot, SoapOptimizerBase
 from .validation import (
     check_betas,
     check_choice,
@@ -153,6 +163,8 @@ class Shampoo(SoapOptimizerBase):
         maximize: bool = False,
         orthograd: bool = False,
         state_dtype: Optional[torch.dtype] = None,
+        skip_nonfinite_grads: bool = False,
+        process_group=None,
         fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
@@ -173,9 +185,12 @@ class Shampoo(SoapOptimizerBase):
             maximize=maximize,
             orthograd=orthograd,
             state_dtype=state_dtype,
+            skip_nonfinite_grads=skip_nonfinite_grads,
             fused=fused,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
+
+    _layout_keys = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format", "state_dtype")
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -207,15 +222,25 @@ class Shampoo(SoapOptimizerBase):
             shapes["exp_avg_sq"] = plan.merged_shape
         return shapes
 
-    def _step_group(self, group: Dict[str, Any]) -> None:
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            plan = plan_for(param, group)
-            grad = plan.to_merged(param.grad.to(state_dtype(param, group)))
-            if group["maximize"]:
-                grad = -grad
-            state = self.state[param]
+    def _is_elementwise(self, shape: torch.Size, hyper: Dict[str, Any]) -> bool:
+        plan = plan_for_shape(shape, hyper)
+        return not plan.is_preconditioned and plan.merged_shape == tuple(shape)
+
+    def _cost(self, shape: torch.Size, hyper: Dict[str, Any]) -> float:
+        """Multiply-adds per step: factor EMA and preconditioning (2 N d per axis of length d), inverse
+        roots by eigh (~10 d^3 per factor) every f steps, and a few elementwise passes."""
+        plan = plan_for_shape(shape, hyper)
+        numel = math.prod(plan.merged_shape)
+        dims = [d for d in plan.factor_dims if d is not None]
+        return 2 * numel * sum(dims) + sum(10 * d**3 for d in dims) / hyper["precondition_frequency"] + 10 * numel
+
+    def _step_group(self, group: Dict[str, Any], slots: List[Slot]) -> None:
+        for slot in slots:
+            plan = plan_for_shape(slot.shape, group)
+            if tuple(slot.param.shape) != tuple(slot.shape):  # a local shard (FSDP2) of an elementwise tensor
+                plan = unpreconditioned_plan(tuple(slot.param.shape))
+            grad = plan.to_merged(slot.grad)
+            state = slot.state
             if not state:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(grad)
@@ -228,7 +253,7 @@ class Shampoo(SoapOptimizerBase):
                 state["exp_avg_sq"] = torch.zeros_like(grad)
             direction = shampoo_direction_(grad, state, plan, group, guard_overflow=self._gradients_may_overflow)
             lr = float(group["lr"])
-            decay_then_update_(param, plan.from_merged(direction), lr, lr * group["weight_decay"])
+            decay_then_update_(slot.param, plan.from_merged(direction), lr, lr * group["weight_decay"])
 
 
 def shampoo_direction_(

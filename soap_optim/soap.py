@@ -9,6 +9,8 @@ import torch
 from .eigenbasis import (
     Plan,
     initial_basis,
+    plan_for_shape,
+    unpreconditioned_plan,
     check_plan_options,
     project,
     project_back,
@@ -22,7 +24,7 @@ from .eigenbasis import (
 from .adafactor import factored_second_moment, update_factored_moments_
 from .buckets import flat_state, stacked_state
 from .dispatch import resolve_ops
-from .optimizer import SoapOptimizerBase, state_dtype
+from .optimizer import Slot, SoapOptimizerBase
 from .validation import (
     check_betas,
     check_bool,
@@ -138,6 +140,8 @@ class SOAP(SoapOptimizerBase):
         maximize: bool = False,
         orthograd: bool = False,
         state_dtype: Optional[torch.dtype] = None,
+        skip_nonfinite_grads: bool = False,
+        process_group=None,
         one_sided: bool = False,
         one_sided_dim: Optional[int] = None,
         factorized: bool = False,
@@ -161,6 +165,7 @@ class SOAP(SoapOptimizerBase):
             maximize=maximize,
             orthograd=orthograd,
             state_dtype=state_dtype,
+            skip_nonfinite_grads=skip_nonfinite_grads,
             one_sided=one_sided,
             one_sided_dim=one_sided_dim,
             factorized=factorized,
@@ -168,7 +173,12 @@ class SOAP(SoapOptimizerBase):
             fused=fused,
             rotation_precision=rotation_precision,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
+
+    _layout_keys = (
+        "max_precond_dim", "merge_dims", "precondition_1d", "data_format", "one_sided", "one_sided_dim",
+        "factorized", "state_dtype",
+    )
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -198,23 +208,44 @@ class SOAP(SoapOptimizerBase):
             shapes["exp_avg_sq"] = plan.merged_shape
         return shapes
 
-    def _step_group(self, group: Dict[str, Any]) -> None:
+    def _is_elementwise(self, shape: torch.Size, hyper: Dict[str, Any]) -> bool:
+        plan = plan_for_shape(shape, hyper)
+        return (
+            not plan.is_preconditioned
+            and plan.merged_shape == tuple(shape)
+            and not hyper["normalize_grads"]
+            and not _is_factored(plan, hyper)
+        )
+
+    def _cost(self, shape: torch.Size, hyper: Dict[str, Any]) -> float:
+        """Multiply-adds per step: the factor EMA and the rotations in and out (3 N d per preconditioned
+        axis of length d, N elements), a refresh every f steps (F Q and QR, ~4 d^3 per factor, plus the
+        first moment's rotation into the new basis, 2 N d), and a few elementwise passes."""
+        plan = plan_for_shape(shape, hyper)
+        numel = math.prod(plan.merged_shape)
+        dims = [d for d in plan.factor_dims if d is not None]
+        refresh = sum(4 * d**3 + 2 * numel * d for d in dims) / hyper["precondition_frequency"]
+        return 3 * numel * sum(dims) + refresh + 10 * numel
+
+    def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
+        """The rotation's partial sums are bounded by ||G||_F (orthonormal columns, Cauchy-Schwarz), and so
+        are the first moment's entries: ||G||_F <= max/4 keeps every product and EMA finite."""
+        if not plan_for_shape(shape, hyper).is_preconditioned:
+            return math.inf
+        return torch.finfo(dtype).max / 4
+
+    def _step_group(self, group: Dict[str, Any], slots: List[Slot]) -> None:
         guard = self._gradients_may_overflow
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
         ready = []
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            plan = plan_for(param, group)
-            grad, dtype = param.grad, state_dtype(param, group)
-            grad = plan.to_merged(grad if grad.dtype == dtype else grad.to(dtype))
-            if group["maximize"]:
-                grad = -grad
-            state = self.state[param]
+        for slot in slots:
+            plan = plan_of(slot, group)
+            grad = plan.to_merged(slot.grad)
+            state = slot.state
             if not state:
                 _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard)
             else:
-                ready.append(_Item(param, grad, state, plan))
+                ready.append(_Item(slot.param, grad, state, plan))
         steps = advance_steps([item.state for item in ready])
         if group["foreach"] is False:
             for item, step in zip(ready, steps):
@@ -253,6 +284,14 @@ class _Item(NamedTuple):
     state: Dict[str, Any]
     plan: Plan
     step: int = 0  # the step this update takes (state["step"] already advanced by advance_steps)
+
+
+def plan_of(slot: Slot, group: Dict[str, Any]) -> Plan:
+    """The plan of a slot's parameter; a local shard of an elementwise-stepped parameter (FSDP2) is
+    unpreconditioned and unmerged whatever its own shape."""
+    if tuple(slot.param.shape) != tuple(slot.shape):
+        return unpreconditioned_plan(tuple(slot.param.shape))
+    return plan_for_shape(slot.shape, group)
 
 
 def _is_factored(plan: Plan, group: Dict[str, Any]) -> bool:

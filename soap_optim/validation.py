@@ -1,4 +1,9 @@
-"""Argument checks shared by every optimizer: each raises ValueError naming the bad value."""
+"""Argument checks shared by every optimizer: each raises ValueError naming the bad value.
+
+Real-valued hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ...) may be Python numbers or
+0-d floating-point tensors (what torch's LR schedulers and ``capturable`` users set); any other tensor
+is rejected. The step reads every value as a Python float (see :func:`as_number`).
+"""
 from __future__ import annotations
 
 import math
@@ -9,8 +14,11 @@ import torch
 
 def _as_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(
+                f"{name} must be a Python number or a 0-d floating-point tensor, got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
@@ -60,3 +68,12 @@ def check_choice(name: str, value, choices) -> None:
 def check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
+
+
+def as_number(value):
+    """A 0-d tensor hyperparameter as a Python float (tuples/lists element-wise); anything else as is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(as_number(v) for v in value)
+    return value

@@ -2,7 +2,16 @@
 from .bases import all_finite, initial_basis, refreshed_basis
 from .factors import mode_gram, update_factors_, without_overflowing_grams, zero_factors
 from .moments import permute_axes_, refresh_bases_
-from .plan import DATA_FORMATS, Plan, check_plan_options, make_plan, merge_shape, plan_for
+from .plan import (
+    DATA_FORMATS,
+    Plan,
+    check_plan_options,
+    make_plan,
+    merge_shape,
+    plan_for,
+    plan_for_shape,
+    unpreconditioned_plan,
+)
 from .projection import project, project_back
 
 __all__ = [
@@ -16,10 +25,12 @@ __all__ = [
     "mode_gram",
     "permute_axes_",
     "plan_for",
+    "plan_for_shape",
     "project",
     "project_back",
     "refresh_bases_",
     "refreshed_basis",
+    "unpreconditioned_plan",
     "update_factors_",
     "without_overflowing_grams",
     "zero_factors",

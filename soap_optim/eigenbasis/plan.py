@@ -140,8 +140,18 @@ def check_plan_options(group: Dict[str, Any]) -> None:
 
 def plan_for(param: torch.Tensor, group: Dict[str, Any]) -> Plan:
     """The plan of ``param`` under a param group's dims options (one-sided only where the group has it)."""
+    return plan_for_shape(param.shape, group)
+
+
+def unpreconditioned_plan(shape: Tuple[int, ...]) -> Plan:
+    """The plan of a tensor that is stepped as it is: no merge, no permutation, no factor."""
+    return Plan(tuple(shape), None, tuple(shape), (False,) * len(shape))
+
+
+def plan_for_shape(shape, group: Dict[str, Any]) -> Plan:
+    """The plan of a tensor of ``shape`` under a param group's dims options."""
     return make_plan(
-        tuple(param.shape),
+        tuple(shape),
         max_precond_dim=group["max_precond_dim"],
         merge_dims=group["merge_dims"],
         precondition_1d=group["precondition_1d"],

@@ -1,0 +1,81 @@
+"""The gradient check every step runs before anything is modified.
+
+Two parts, both pure (nothing here writes to a parameter, a gradient or optimizer state):
+
+* :func:`check_structure`: sparse, complex or wrongly shaped gradients are a ``ValueError``;
+* :func:`effective_gradient`: the gradient the optimizer's math will use: in the state's dtype,
+  ``orthograd`` applied, sign-flipped under ``maximize``. The finiteness check runs on *this* tensor, so
+  a float64 gradient that overflows float32 state, or an ``orthograd`` that overflows, is caught;
+* :func:`squared_norms` and :func:`confirm_nonfinite`: the screen. One ``_foreach_norm`` over all
+  gradients, squared in float64 (a sum over shards or ranks of these is still exact enough to decide
+  on, and cannot overflow for float32 gradients); only when a squared norm is not finite are the
+  flagged gradients looked at entry by entry, with an overflow-free norm for the finite-but-huge ones.
+
+The base optimizer sums the squared norms over ranks (one small all-reduce when distributed) so that
+every rank reaches the same verdict.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .extras import orthogonal_gradient
+
+
+def describe(group_index: int, param_index: int, shape) -> str:
+    return f"parameter {param_index} of param group {group_index} (shape {tuple(shape)})"
+
+
+def check_structure(optimizer_name: str, where: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """ValueError for a sparse, complex or wrongly shaped gradient of ``param``."""
+    if grad.is_sparse:
+        raise ValueError(f"{optimizer_name} does not support sparse gradients ({where})")
+    if grad.is_complex():
+        raise ValueError(f"{optimizer_name} does not support complex gradients ({where})")
+    if grad.shape != param.shape:
+        raise ValueError(f"gradient of shape {tuple(grad.shape)} does not match {where}")
+
+
+def effective_gradient(
+    param: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype, *, orthograd: bool, maximize: bool
+) -> torch.Tensor:
+    """The gradient the math uses, as a new tensor where anything changes (``grad`` is never written)."""
+    if grad.dtype != dtype:
+        grad = grad.to(dtype)
+    if orthograd:
+        grad = orthogonal_gradient(param, grad)
+    if maximize:
+        grad = -grad
+    return grad
+
+
+def squared_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """||g||^2 of every gradient as one float64 vector (inf or NaN where a gradient is not finite, or
+    where its norm overflowed its own dtype: :func:`confirm_nonfinite` tells which)."""
+    if not grads:
+        return torch.zeros(0, dtype=torch.float64)
+    norms = torch._foreach_norm(list(grads))
+    return torch.stack([n.to(torch.float64) for n in norms]).square()
+
+
+def exact_norm(grad: torch.Tensor) -> float:
+    """||grad||_F without overflow: scaled by the largest magnitude first (finite ``grad`` only)."""
+    if grad.numel() == 0:
+        return 0.0
+    scale = grad.abs().amax().to(torch.float64)
+    if not scale > 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(grad.to(torch.float64) / scale) * scale)
+
+
+def confirm_nonfinite(grads: Sequence[torch.Tensor]) -> Tuple[List[bool], List[float]]:
+    """For gradients whose squared norm was not finite: whether each has a NaN/Inf entry, and for the
+    finite ones their true squared norm (a Python float; may be inf only beyond float64's range)."""
+    bad, squares = [], []
+    for grad in grads:
+        finite = bool(torch.isfinite(grad).all())
+        bad.append(not finite)
+        squares.append(exact_norm(grad) ** 2 if finite else math.nan)
+    return bad, squares
