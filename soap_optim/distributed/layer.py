@@ -347,7 +347,8 @@ class Distribution:
             if shares[me]:
                 torch.cat([p.detach().reshape(-1) for p in shares[me]], out=send[: sizes[me]])
             gathered = torch.empty(world * width, dtype=dtype, device=device)
-            torch.distributed.all_gather_into_tensor(gathered, send, group=self.group)
+            all_gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+            all_gather(gathered, send, group=self.group)
             for rank, share in enumerate(shares):
                 if rank == me or not share:
                     continue
@@ -372,17 +373,22 @@ class Distribution:
 
     # ------------------------------------------------------------------ checkpoints
     def export_state_dict(self, optimizer, state_dict: Dict[str, Any]) -> Dict[str, Any]:
-        """Shard-stepped state as DTensors with the parameter's placements (sharded mode only)."""
-        if self.mode != "sharded" or self._roles is None:
+        """This rank's share in DCP's terms: shard-stepped state as DTensors with the parameter's
+        placements, an owner's state as plain full tensors, and an empty entry for each parameter another
+        rank owns (DCP's ``set_optimizer_state_dict`` expects an entry for every trained parameter)."""
+        if self.mode == "single" or self._roles is None:
             return state_dict
         from torch.distributed.tensor import DTensor
 
-        state = {}
-        for index, value in state_dict["state"].items():
-            if not isinstance(index, int) or self._roles[index] != LOCAL:
-                state[index] = value
-                continue
+        state = dict(state_dict["state"])
+        for index, role in enumerate(self._roles):
             param = self._entries[index][2]
+            if role not in (LOCAL, self.rank):
+                if param.requires_grad:
+                    state[index] = {}
+                continue
+            if role != LOCAL or index not in state or self.mode != "sharded":
+                continue
             local_shape = param.to_local().shape
 
             def wrap(tensor, param=param, local_shape=local_shape):
@@ -393,7 +399,7 @@ class Distribution:
                     )
                 return tensor
 
-            state[index] = _map_tensors(value, wrap)
+            state[index] = _map_tensors(state[index], wrap)
         return {**state_dict, "state": state}
 
     def import_state(self, optimizer, param: torch.Tensor, value: Dict[str, Any]) -> Optional[Dict[str, Any]]:

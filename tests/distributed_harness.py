@@ -1,0 +1,133 @@
+"""Spawning a 2-rank gloo job for the distributed tests, and the one-process reference they compare with.
+
+One job per test module: every scenario of the module runs inside the same process group (a job costs
+seconds to start), each rank writes one JSON record per scenario, and the tests read them. Rendezvous is
+a ``file://`` store in a temporary directory; the process group has a timeout, and the whole job one
+more, so that a hang fails instead of stalling CI.
+
+The reference (tests/../shared DESIGN): one process runs each rank's half batch as its own micro-batch,
+scales each loss by 1/2 and accumulates. Scaling by 2^-1 is exact and a sum of two operands has no order,
+so these gradients equal DDP's all-reduce average and FSDP2's reduce-scatter average bit for bit;
+torch.optim.AdamW through the same harness is the control that proves it.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+WORLD_SIZE = 2
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=60)
+JOB_TIMEOUT_S = 600
+GLOBAL_BATCH = 8
+
+
+class Net(nn.Module):
+    """A conv weight (4-D, merged under merge_dims), matrices whose dim 0 does not split evenly (7 and 5
+    rows over 2 ranks), a 3-D weight, biases and a LayerNorm's 1-D gains."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc1 = nn.Linear(36, 7)
+        self.norm = nn.LayerNorm(7)
+        self.fc2 = nn.Linear(7, 5)
+        self.mix = nn.Parameter(torch.randn(6, 6, 2) / 6)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.tanh(self.conv(x)).flatten(1)
+        mixed = torch.einsum("bij,ijk->bk", features.reshape(-1, 6, 6), self.mix)
+        hidden = torch.tanh(self.norm(self.fc1(features)))
+        return torch.cat([self.fc2(hidden), mixed], dim=1)
+
+
+def batch(step: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(GLOBAL_BATCH, 3, 5, 5, generator=gen)
+    y = torch.randn(GLOBAL_BATCH, 7, generator=gen)
+    return x.to(dtype), y.to(dtype)
+
+
+def half_batch(step: int, dtype: torch.dtype, rank: int):
+    x, y = batch(step, dtype)
+    half = GLOBAL_BATCH // WORLD_SIZE
+    return x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x) - y).square().mean()
+
+
+def reference_gradients(model: nn.Module, step: int, dtype: torch.dtype) -> None:
+    """One process: each rank's half batch as a micro-batch, loss / 2, accumulated."""
+    for rank in range(WORLD_SIZE):
+        x, y = half_batch(step, dtype, rank)
+        (loss_of(model, x, y) / WORLD_SIZE).backward()
+
+
+def reference_run(make_optimizer: Callable, dtype: torch.dtype, steps: range, model=None, opt=None):
+    """(model, optimizer) after the one-process steps ``steps`` (fresh ones unless given)."""
+    model = model if model is not None else Net(dtype)
+    opt = opt if opt is not None else make_optimizer(model.parameters())
+    for step in steps:
+        opt.zero_grad()
+        reference_gradients(model, step, dtype)
+        opt.step()
+    return model, opt
+
+
+def _worker(rank: int, init_file: str, out_dir: str, module: str, names: List[str]) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import importlib
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE, timeout=PROCESS_GROUP_TIMEOUT
+    )
+    scenarios = importlib.import_module(module).SCENARIOS
+    records: Dict[str, Dict] = {}
+    for name in names:
+        try:
+            records[name] = {"ok": True, "checks": scenarios[name](rank, out_dir)}
+        except Exception:
+            records[name] = {"ok": False, "error": traceback.format_exc()}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(records))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_job(module: str, names: List[str]) -> Dict[str, List[Dict]]:
+    """Run scenarios ``names`` of ``module`` (its ``SCENARIOS`` dict) on 2 ranks; per name, each rank's record."""
+    import torch.multiprocessing as mp
+
+    out_dir = tempfile.mkdtemp(prefix="soap_dist_")
+    init_file = os.path.join(out_dir, "rendezvous")
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(r, init_file, out_dir, module, names)) for r in range(WORLD_SIZE)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(JOB_TIMEOUT_S)
+    hung = [w for w in workers if w.is_alive()]
+    for worker in hung:
+        worker.kill()
+    records = []
+    for rank in range(WORLD_SIZE):
+        path = Path(out_dir, f"rank{rank}.json")
+        records.append(json.loads(path.read_text()) if path.exists() else {})
+    if hung:
+        raise RuntimeError(f"distributed job hung past {JOB_TIMEOUT_S} s; records so far: {records}")
+    return {name: [records[r].get(name, {"ok": False, "error": "no record"}) for r in range(WORLD_SIZE)] for name in names}
