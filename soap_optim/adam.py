@@ -1,8 +1,7 @@
 """Adam and AdamW with torch.optim's conventions, on the soap_optim base.
 
-The math lives in small functions that the rest of the family reuses: :func:`adam_normalize`
-(m / (sqrt(v / bc2) + eps), Shampoo's Adam graft) and :func:`decay_then_update_` (torch's AdamW
-order: decay the weights, then subtract the update). :func:`adam_` is the functional entry point;
+Its normalization m / (sqrt(v / bc2) + eps) and torch's AdamW order of the update (decay the weights,
+then subtract the update) are shared with the family (``moment_math``). :func:`adam_` is the functional entry point;
 it picks the batched ``torch._foreach_*`` implementation (the default) or the single-tensor
 reference, which share one signature and are proven equal by the tests.
 """
@@ -14,29 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .dispatch import get_ops, wants_kernels
+from .moment_math import adam_normalize, decay_then_update_
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
-
-
-def adam_normalize(
-    numerator: torch.Tensor, exp_avg_sq: torch.Tensor, bias_correction2: float, eps: float
-) -> torch.Tensor:
-    """numerator / (sqrt(exp_avg_sq / bias_correction2) + eps), torch.optim.Adam's denominator."""
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    return numerator / denom
-
-
-def decay_then_update_(param: torch.Tensor, update: torch.Tensor, lr: float, decay: float) -> None:
-    """theta <- theta * (1 - decay) - lr * update (torch.optim.AdamW's order), in the update's precision.
-
-    SOAP's reference decays the already-updated weights instead (see ``soap.apply_update_``).
-    """
-    target = param if param.dtype == update.dtype else param.to(update.dtype)
-    if decay != 0:
-        target.mul_(1 - decay)
-    target.add_(update, alpha=-lr)
-    if target is not param:
-        param.copy_(target)
 
 
 def _single_tensor_adam_(

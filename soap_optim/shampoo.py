@@ -15,9 +15,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .adam import adam_normalize, decay_then_update_
 from .dispatch import update_factors_maybe_fused_
 from .eigenbasis import Plan, all_finite, check_plan_options, initial_basis, plan_for, project, zero_factors
+from .moment_math import adam_normalize, decay_then_update_
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import (
     check_betas,

@@ -19,9 +19,9 @@ from .eigenbasis import (
     without_overflowing_grams,
     zero_factors,
 )
-from .adafactor import factored_second_moment, update_factored_moments_
 from .buckets import flat_state, stacked_state
 from .dispatch import resolve_ops
+from .moment_math import apply_update_, factored_second_moment, update_factored_moments_
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import (
     check_betas,
@@ -274,19 +274,6 @@ def _init_state(
     state["factors"] = zero_factors(plan.factor_dims, dtype=grad.dtype, device=grad.device)
     update_factors_(state["factors"], grad, shampoo_beta, guard)
     state["bases"] = [None if f is None else initial_basis(f) for f in state["factors"]]
-
-
-def apply_update_(param: torch.Tensor, update: torch.Tensor, step_size: float, decay: float) -> None:
-    """theta <- (1 - decay) * (theta - step_size * update), computed in the update's precision.
-
-    The decay multiplies the already-updated weights (the SOAP reference's order).
-    """
-    target = param if param.dtype == update.dtype else param.to(update.dtype)
-    target.add_(update, alpha=-step_size)
-    if decay > 0:
-        target.add_(target, alpha=-decay)
-    if target is not param:
-        param.copy_(target)
 
 
 def soap_update_(
