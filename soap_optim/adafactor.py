@@ -16,8 +16,9 @@ import torch
 from .moment_math import (
     clip_by_rms_,
     decay_then_update_,
-    factored_second_moment,
+    factored_normalize,
     factored_shape,
+    first_moment_ema_,
     update_factored_moments_,
 )
 from .optimizer import SoapOptimizerBase, state_dtype
@@ -150,10 +151,10 @@ def adafactor_direction_(
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         grad_matrix = grad.reshape(matrix)
         update_factored_moments_(row, col, grad_matrix, beta2, eps)
-        update = (grad_matrix / factored_second_moment(row, col).sqrt_()).reshape(grad.shape)
-    clip_by_rms_(update, group["d"])
+        update = factored_normalize(grad_matrix, row, col).reshape(grad.shape)
+    update = clip_by_rms_(update, group["d"]).to(grad.dtype)
     if group["beta1"] is None:
         return update
     exp_avg = state["exp_avg"]
-    exp_avg.lerp_(update, 1 - group["beta1"])
+    first_moment_ema_(exp_avg, update, group["beta1"])
     return exp_avg

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .dispatch import get_ops, wants_kernels
-from .moment_math import adam_normalize, decay_then_update_
+from .moment_math import adam_normalize, decay_then_update_, first_moment_ema_, foreach_first_moment_ema_
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
 
@@ -34,6 +34,7 @@ def _single_tensor_adam_(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
+    guard_overflow: bool = False,
 ) -> None:
     """The readable reference: one parameter at a time."""
     for index, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(
@@ -47,7 +48,10 @@ def _single_tensor_adam_(
             grad = grad.add(work, alpha=weight_decay)
         step += 1
         t = step.item()
-        exp_avg.lerp_(grad, 1 - beta1)
+        if guard_overflow:
+            first_moment_ema_(exp_avg, grad, beta1)
+        else:
+            exp_avg.lerp_(grad, 1 - beta1)  # torch's bits
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).clamp_(max=torch.finfo(exp_avg_sq.dtype).max)
         second = exp_avg_sq
         if amsgrad:
@@ -74,6 +78,7 @@ def _foreach_adam_(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
+    guard_overflow: bool = False,
 ) -> None:
     """Batched over tensors that share a device and state dtype."""
     buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
@@ -95,7 +100,10 @@ def _foreach_adam_(
                 g = torch._foreach_add(g, work, alpha=weight_decay)
         torch._foreach_add_(s, 1)
         ts = [step.item() for step in s]
-        torch._foreach_lerp_(m, g, 1 - beta1)
+        if guard_overflow:
+            foreach_first_moment_ema_(m, g, beta1)
+        else:
+            torch._foreach_lerp_(m, g, 1 - beta1)  # torch's bits
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         # a square that overflowed is capped at the dtype's max: the coordinate keeps moving, never inf
@@ -130,12 +138,14 @@ def _kernel_adam_(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
+    guard_overflow: bool = False,
 ) -> None:
     """Through the fused elementwise kernel (``soap_optim.kernels``' ``adam_``), one call per step count.
 
     torch's conventions map onto the kernel's: denom_scale = 1/sqrt(bc2), step_size = lr/bc1, and
     decoupled decay applied first. An L2 term and maximize are folded into the gradient beforehand.
     """
+    del guard_overflow  # the kernel's multiply-add EMA is always overflow-safe
     if amsgrad:
         raise ValueError("amsgrad is not supported by the fused Adam kernel; use fused=False")
     by_step: Dict[int, List[int]] = {}
@@ -173,7 +183,14 @@ def adam_(
     ``fused`` picks the elementwise kernel (see ``soap_optim.dispatch``; amsgrad never takes it by
     default); otherwise ``foreach=False`` runs the single-tensor reference and ``None``/``True`` the
     batched ``torch._foreach_*`` path. ``hyper``: lr, beta1, beta2, eps, weight_decay,
-    decoupled_weight_decay, amsgrad, maximize.
+    decoupled_weight_decay, amsgrad, maximize, guard_overflow.
+
+    The first moment is torch's ``lerp_`` (torch.optim.Adam's bits), which overflows for an entry of
+    the gradient and one of the moment of opposite signs whose magnitudes sum past the dtype's max
+    (torch.optim.AdamW turns NaN there). That needs a gradient entry above max/2 or one seen before,
+    hence a gradient the base's check flags as huge: ``guard_overflow=True`` (set it for those steps)
+    takes the multiply-add EMA, which stays finite (``moment_math.first_moment_ema_``). The fused
+    kernel always computes the multiply-add.
     """
     if not params:
         return

@@ -1,5 +1,6 @@
 """Moment math shared by the family: pure functions on tensors, below every optimizer.
 
+* the first-moment EMA that cannot overflow (:func:`first_moment_ema_`, :func:`foreach_first_moment_ema_`);
 * Adam's normalization (:func:`adam_normalize`, also Shampoo's Adam graft);
 * the two orders of applying an update with decoupled weight decay: torch.optim.AdamW's
   (:func:`decay_then_update_`: decay, then subtract) and the SOAP reference's (:func:`apply_update_`:
@@ -13,9 +14,32 @@ The optimizers import these; this module imports none of them.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+
+
+def first_moment_ema_(exp_avg: torch.Tensor, x: torch.Tensor, beta1: float) -> torch.Tensor:
+    """In place: exp_avg <- beta1 * exp_avg + (1 - beta1) * x, finite for all finite inputs.
+
+    Multiply-add: both terms are at most the dtype's max, so opposite signs cannot overflow and equal
+    signs give a convex combination, at most max before rounding; the clamp to [-max, max] takes
+    back the last rounding. torch's ``lerp_`` (torch.optim.AdamW's EMA) computes x - exp_avg first,
+    which overflows for opposite-sign entries whose magnitudes sum past the max.
+    """
+    limit = torch.finfo(exp_avg.dtype).max
+    return exp_avg.mul_(beta1).add_(x, alpha=1 - beta1).clamp_(-limit, limit)
+
+
+def foreach_first_moment_ema_(exp_avgs: List[torch.Tensor], xs: List[torch.Tensor], beta1: float) -> None:
+    """:func:`first_moment_ema_` over lists of tensors of one dtype, through ``torch._foreach_*``."""
+    if not exp_avgs:
+        return
+    limit = torch.finfo(exp_avgs[0].dtype).max
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, xs, alpha=1 - beta1)
+    torch._foreach_clamp_min_(exp_avgs, -limit)
+    torch._foreach_clamp_max_(exp_avgs, limit)
 
 
 def adam_normalize(
@@ -86,6 +110,22 @@ def factored_second_moment(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor
     total = row.sum()
     estimate = torch.outer(row / total.clamp_min(torch.finfo(row.dtype).tiny), col)
     return torch.where(torch.isfinite(total), estimate, torch.full_like(estimate, math.inf))
+
+
+def factored_normalize(grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """G / sqrt(V), V = row col^T / sum(row) (Adafactor's U), in float64 for float32 statistics.
+
+    In float32, row / sum(row) underflows to 0 for a row that saw no gradient once the sum is large
+    (gradients of ~1e15 with the default eps), and 0 / 0 is NaN; float64 holds every product and quotient
+    of float32 numbers, so U is finite, and 0 wherever G is. Cast U after clipping it: before, an entry
+    may exceed the float32 range. A V of 0 (only with an eps that vanishes in the statistics' dtype)
+    gives U = 0 there. Where the statistics saturated at the dtype's max (gradients of ~1e19 and up in
+    float32), V is finite but too small and the step is clipped instead.
+    """
+    wide = torch.float64 if grad.dtype in (torch.float16, torch.bfloat16, torch.float32) else grad.dtype
+    moment = factored_second_moment(row.to(wide), col.to(wide))
+    update = grad.to(wide) / moment.sqrt()
+    return torch.where(moment > 0, update, update.new_zeros(()))
 
 
 def clip_by_rms_(update: torch.Tensor, d: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .eigenbasis import (
 )
 from .buckets import flat_state, stacked_state
 from .dispatch import resolve_ops
-from .moment_math import apply_update_, factored_second_moment, update_factored_moments_
+from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
 from .optimizer import SoapOptimizerBase, state_dtype
 from .validation import (
     check_betas,
@@ -296,7 +296,7 @@ def soap_update_(
     bases, exp_avg = state["bases"], state["exp_avg"]
 
     rotated = project(grad, bases)
-    exp_avg.mul_(beta1).add_(rotated, alpha=1 - beta1)
+    first_moment_ema_(exp_avg, rotated, beta1)
     denom = _second_moment_update_(state, rotated, beta2).sqrt().add_(group["eps"])
     step_size = _step_size(group, step)
     update = project_back(exp_avg / denom, bases)
