@@ -38,6 +38,7 @@ def _adam_kernel(
     mask = offsets < numel
     grad = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg = beta1 * tl.load(m_ptr + offsets, mask=mask, other=0.0) + (1.0 - beta1) * grad
+    exp_avg = tl.minimum(tl.maximum(exp_avg, -FLOAT32_MAX), FLOAT32_MAX)  # rounding past the max, as in the twin
     exp_avg_sq = beta2 * tl.load(v_ptr + offsets, mask=mask, other=0.0) + (1.0 - beta2) * grad * grad
     exp_avg_sq = tl.minimum(exp_avg_sq, FLOAT32_MAX)  # an overflowed square is capped, as in the twin
     tl.store(m_ptr + offsets, exp_avg, mask=mask)

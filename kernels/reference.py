@@ -22,6 +22,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..moment_math import first_moment_ema_, foreach_first_moment_ema_
+
 PRECISIONS = ("fp32", "tf32", "bf16")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Moments, factors and bases: float32 in the kernels; float64 is accepted by the twins only.
@@ -188,7 +190,7 @@ def rotate_adam_(
         rotated = _matmul(rotated, q_right.to(dtype), precision)
     if q_left is not None:
         rotated = _matmul(q_left.to(dtype).mT, rotated, precision)
-    exp_avg.mul_(beta1).add_(rotated, alpha=1.0 - beta1)
+    first_moment_ema_(exp_avg, rotated, beta1)
     exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
     exp_avg_sq.clamp_(max=torch.finfo(exp_avg_sq.dtype).max)  # an overflowed square is capped, never inf
     denom = exp_avg_sq.sqrt().add_(eps)
@@ -279,8 +281,7 @@ def adam_(
     if not params:
         return
     grads = [g.to(m.dtype) for g, m in zip(grads, exp_avg)]
-    torch._foreach_mul_(exp_avg, beta1)
-    torch._foreach_add_(exp_avg, grads, alpha=1.0 - beta1)
+    foreach_first_moment_ema_(exp_avg, grads, beta1)
     torch._foreach_mul_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
     torch._foreach_clamp_max_(exp_avg_sq, torch.finfo(exp_avg_sq[0].dtype).max)  # overflowed squares capped

@@ -68,6 +68,7 @@ def _rotate_adam_kernel(
     m_ptrs = m_ptr + batch * stride_mb + rows[:, None] * stride_mm + cols[None, :] * stride_mn
     v_ptrs = v_ptr + batch * stride_vb + rows[:, None] * stride_vm + cols[None, :] * stride_vn
     exp_avg = beta1 * tl.load(m_ptrs, mask=mask, other=0.0) + (1.0 - beta1) * rotated
+    exp_avg = tl.minimum(tl.maximum(exp_avg, -FLOAT32_MAX), FLOAT32_MAX)  # rounding past the max, as in the twin
     exp_avg_sq = beta2 * tl.load(v_ptrs, mask=mask, other=0.0) + (1.0 - beta2) * rotated * rotated
     exp_avg_sq = tl.minimum(exp_avg_sq, FLOAT32_MAX)  # an overflowed square is capped, as in the twin
     tl.store(m_ptrs, exp_avg, mask=mask)

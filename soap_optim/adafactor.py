@@ -1,7 +1,7 @@
 """Adafactor (Shazeer & Stern, 2018) with an explicit learning rate.
 
-The factored second moment is kept as pure functions (:func:`update_factored_moments_`,
-:func:`factored_second_moment`) so that it can be checked alone and reused: the SOAP paper's
+The factored second moment is kept as pure functions (``moment_math.update_factored_moments_``,
+``moment_math.factored_second_moment``) so that it can be checked alone and reused: the SOAP paper's
 observation is that Adafactor run in the eigenbasis of Shampoo's factors is Shampoo with power 1/2
 (see tests/test_adafactor.py).
 """
@@ -13,53 +13,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .adam import decay_then_update_
-from .optimizer import Slot, SoapOptimizerBase
+from .moment_math import (
+    clip_by_rms_,
+    decay_then_update_,
+    factored_normalize,
+    factored_shape,
+    first_moment_ema_,
+    update_factored_moments_,
+)
+from .optimizer import Screen, Slot, SoapOptimizerBase
 from .validation import check_lr, check_non_negative, check_unit_interval
-
-
-def factored_shape(shape: Tuple[int, ...]) -> Optional[Tuple[int, int]]:
-    """The matrix a tensor is factored as: (shape[0], rest) for 2-D and up, None for 0-D/1-D.
-
-    Flattening the trailing axes (rather than factoring the last two, as the paper's code does for
-    n-D tensors) keeps a conv weight (O, I, kH, kW) at O + I*kH*kW numbers instead of O*I*(kH + kW).
-    """
-    if len(shape) < 2:
-        return None
-    return (shape[0], math.prod(shape[1:]))
-
-
-def update_factored_moments_(
-    row: torch.Tensor, col: torch.Tensor, grad: torch.Tensor, beta2: float, eps: float
-) -> None:
-    """In place, for a matrix gradient G (m x n):
-
-    row <- beta2 * row + (1 - beta2) * (G^2 + eps) 1_n      (length m)
-    col <- beta2 * col + (1 - beta2) * 1_m^T (G^2 + eps)    (length n)
-    """
-    squared = grad.square().add_(eps)
-    # multiply-add rather than lerp_: an overflowed (inf) statistic stays inf instead of inf - inf = NaN
-    row.mul_(beta2).add_(squared.sum(dim=1), alpha=1 - beta2).clamp_(max=torch.finfo(row.dtype).max)
-    col.mul_(beta2).add_(squared.sum(dim=0), alpha=1 - beta2).clamp_(max=torch.finfo(col.dtype).max)
-
-
-def factored_second_moment(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """The rank-1 reconstruction V = row col^T / sum(row) (sum(row) == sum(col) for exact moments).
-
-    A zero sum (all-zero statistics) gives V = 0 rather than 0/0. A sum that overflowed gives V = +inf
-    everywhere, as an overflowed full second moment does where it overflowed: no step, never NaN.
-    """
-    total = row.sum()
-    estimate = torch.outer(row / total.clamp_min(torch.finfo(row.dtype).tiny), col)
-    return torch.where(torch.isfinite(total), estimate, torch.full_like(estimate, math.inf))
-
-
-def clip_by_rms_(update: torch.Tensor, d: float) -> torch.Tensor:
-    """In place: update / max(1, RMS(update) / d)."""
-    if update.numel() == 0:
-        return update
-    rms = update.square().mean().sqrt()
-    return update.div_(torch.clamp(rms / d, min=1.0))
 
 
 class Adafactor(SoapOptimizerBase):
@@ -151,7 +114,7 @@ class Adafactor(SoapOptimizerBase):
             shapes["exp_avg"] = tuple(param.shape)
         return shapes
 
-    def _step_group(self, group: Dict[str, Any], slots: List[Slot]) -> None:
+    def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         for slot in slots:
             grad, state = slot.grad, slot.state
             matrix = factored_shape(tuple(slot.param.shape))
@@ -186,10 +149,10 @@ def adafactor_direction_(
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         grad_matrix = grad.reshape(matrix)
         update_factored_moments_(row, col, grad_matrix, beta2, eps)
-        update = (grad_matrix / factored_second_moment(row, col).sqrt_()).reshape(grad.shape)
-    clip_by_rms_(update, group["d"])
+        update = factored_normalize(grad_matrix, row, col).reshape(grad.shape)
+    update = clip_by_rms_(update, group["d"]).to(grad.dtype)
     if group["beta1"] is None:
         return update
     exp_avg = state["exp_avg"]
-    exp_avg.lerp_(update, 1 - group["beta1"])
+    first_moment_ema_(exp_avg, update, group["beta1"])
     return exp_avg

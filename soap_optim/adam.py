@@ -1,8 +1,7 @@
 """Adam and AdamW with torch.optim's conventions, on the soap_optim base.
 
-The math lives in small functions that the rest of the family reuses: :func:`adam_normalize`
-(m / (sqrt(v / bc2) + eps), Shampoo's Adam graft) and :func:`decay_then_update_` (torch's AdamW
-order: decay the weights, then subtract the update). :func:`adam_` is the functional entry point;
+Its normalization m / (sqrt(v / bc2) + eps) and torch's AdamW order of the update (decay the weights,
+then subtract the update) are shared with the family (``moment_math``). :func:`adam_` is the functional entry point;
 it picks the batched ``torch._foreach_*`` implementation (the default) or the single-tensor
 reference, which share one signature and are proven equal by the tests.
 """
@@ -14,29 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .dispatch import get_ops, wants_kernels
-from .optimizer import Slot, SoapOptimizerBase
+from .moment_math import adam_normalize, decay_then_update_, first_moment_ema_, foreach_first_moment_ema_
+from .optimizer import Screen, Slot, SoapOptimizerBase
 from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
-
-
-def adam_normalize(
-    numerator: torch.Tensor, exp_avg_sq: torch.Tensor, bias_correction2: float, eps: float
-) -> torch.Tensor:
-    """numerator / (sqrt(exp_avg_sq / bias_correction2) + eps), torch.optim.Adam's denominator."""
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    return numerator / denom
-
-
-def decay_then_update_(param: torch.Tensor, update: torch.Tensor, lr: float, decay: float) -> None:
-    """theta <- theta * (1 - decay) - lr * update (torch.optim.AdamW's order), in the update's precision.
-
-    SOAP's reference decays the already-updated weights instead (see ``soap.apply_update_``).
-    """
-    target = param if param.dtype == update.dtype else param.to(update.dtype)
-    if decay != 0:
-        target.mul_(1 - decay)
-    target.add_(update, alpha=-lr)
-    if target is not param:
-        param.copy_(target)
 
 
 def _single_tensor_adam_(
@@ -55,6 +34,7 @@ def _single_tensor_adam_(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
+    guard_overflow: bool = False,
 ) -> None:
     """The readable reference: one parameter at a time."""
     for index, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(
@@ -68,7 +48,10 @@ def _single_tensor_adam_(
             grad = grad.add(work, alpha=weight_decay)
         step += 1
         t = step.item()
-        exp_avg.lerp_(grad, 1 - beta1)
+        if guard_overflow:
+            first_moment_ema_(exp_avg, grad, beta1)
+        else:
+            exp_avg.lerp_(grad, 1 - beta1)  # torch's bits
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).clamp_(max=torch.finfo(exp_avg_sq.dtype).max)
         second = exp_avg_sq
         if amsgrad:
@@ -95,6 +78,7 @@ def _foreach_adam_(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
+    guard_overflow: bool = False,
 ) -> None:
     """Batched over tensors that share a device and state dtype."""
     buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
@@ -116,7 +100,10 @@ def _foreach_adam_(
                 g = torch._foreach_add(g, work, alpha=weight_decay)
         torch._foreach_add_(s, 1)
         ts = [step.item() for step in s]
-        torch._foreach_lerp_(m, g, 1 - beta1)
+        if guard_overflow:
+            foreach_first_moment_ema_(m, g, beta1)
+        else:
+            torch._foreach_lerp_(m, g, 1 - beta1)  # torch's bits
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         # a square that overflowed is capped at the dtype's max: the coordinate keeps moving, never inf
@@ -151,12 +138,14 @@ def _kernel_adam_(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
+    guard_overflow: bool = False,
 ) -> None:
     """Through the fused elementwise kernel (``soap_optim.kernels``' ``adam_``), one call per step count.
 
     torch's conventions map onto the kernel's: denom_scale = 1/sqrt(bc2), step_size = lr/bc1, and
     decoupled decay applied first. An L2 term and maximize are folded into the gradient beforehand.
     """
+    del guard_overflow  # the kernel's multiply-add EMA is always overflow-safe
     if amsgrad:
         raise ValueError("amsgrad is not supported by the fused Adam kernel; use fused=False")
     by_step: Dict[int, List[int]] = {}
@@ -194,7 +183,14 @@ def adam_(
     ``fused`` picks the elementwise kernel (see ``soap_optim.dispatch``; amsgrad never takes it by
     default); otherwise ``foreach=False`` runs the single-tensor reference and ``None``/``True`` the
     batched ``torch._foreach_*`` path. ``hyper``: lr, beta1, beta2, eps, weight_decay,
-    decoupled_weight_decay, amsgrad, maximize.
+    decoupled_weight_decay, amsgrad, maximize, guard_overflow.
+
+    The first moment is torch's ``lerp_`` (torch.optim.Adam's bits), which overflows for an entry of
+    the gradient and one of the moment of opposite signs whose magnitudes sum past the dtype's max
+    (torch.optim.AdamW turns NaN there). That needs a gradient entry above max/2 or one seen before,
+    hence a gradient the base's check flags as huge: ``guard_overflow=True`` (set it for those steps)
+    takes the multiply-add EMA, which stays finite (``moment_math.first_moment_ema_``). The fused
+    kernel always computes the multiply-add.
     """
     if not params:
         return
@@ -304,7 +300,7 @@ class Adam(SoapOptimizerBase):
     def _is_elementwise(self, shape: torch.Size, hyper: Dict[str, Any]) -> bool:
         return True
 
-    def _step_group(self, group: Dict[str, Any], slots: List[Slot]) -> None:
+    def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
         for slot in slots:
             state = slot.state
@@ -342,6 +338,8 @@ class Adam(SoapOptimizerBase):
             decoupled_weight_decay=self._decoupled_weight_decay,
             amsgrad=group["amsgrad"],
             maximize=False,  # the base's effective gradient is already sign-flipped
+            # torch's lerp_ EMA overflows only for entries above max/2, and no entry exceeds the norm
+            guard_overflow=screen.largest_norm > torch.finfo(torch.float32).max / 2,
         )
 
 

@@ -54,6 +54,14 @@ def state_dtype(param: torch.Tensor, group: Optional[Dict[str, Any]] = None) -> 
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+class Screen(NamedTuple):
+    """What the gradient check learned that the math may use this step (passed down explicitly: under
+    ``torch.compile`` an attribute written across a graph break is not reliably seen later)."""
+
+    largest_norm: float  # the largest gradient Frobenius norm (over ranks)
+    grams_may_overflow: bool  # some gradient is large enough for its Gram matrices to overflow float32
+
+
 class Slot(NamedTuple):
     """One parameter as the math sees it for one step."""
 
@@ -125,7 +133,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
     # group options the state's layout depends on: changing one after state exists is an error
     _layout_keys: Tuple[str, ...] = ("state_dtype",)
 
-    # set by each step's gradient check; True makes the factor updates guard against overflow
+    # the last step's Screen.grams_may_overflow, for inspection (the math gets the Screen itself)
     _gradients_may_overflow = True
 
     def __init__(self, params, defaults: Dict[str, Any], *, process_group=None) -> None:
@@ -223,7 +231,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 f"change once the state exists: build a new optimizer for the new setting (nothing was modified)"
             )
 
-    def _prepare_step(self) -> Optional[List[Tuple[Dict[str, Any], List[Slot]]]]:
+    def _prepare_step(self) -> Optional[Tuple[Screen, List[Tuple[Dict[str, Any], List[Slot]]]]]:
         """Everything that can fail, before anything is modified: the groups to step and their slots,
         or None when the step is skipped (non-finite gradients under ``skip_nonfinite_grads``)."""
         name = type(self).__name__
@@ -254,9 +262,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     indices.append(item.global_index)
                     limits.append(self._max_grad_norm(item.param.shape, hyper, grad.dtype))
             grads_per_group.append(effective)
-        if not self._gradients_are_fine(grads, indices, limits, hypers):
+        screen = self._gradients_are_fine(grads, indices, limits, hypers)
+        if screen is None:
             return None
-        return [
+        return screen, [
             (hyper, [Slot(item.tensor, grad, self.state[item.param], item.param.shape) for item, grad in zip(items, effective)])
             for hyper, items, effective in zip(hypers, work, grads_per_group)
         ]
@@ -270,13 +279,16 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 if problem is not None:
                     raise ValueError(f"{type(self).__name__}: fused=True cannot run here: {problem}; use fused=None or False")
 
-    def _gradients_are_fine(self, grads, indices, limits, hypers) -> bool:
-        """The screen over every gradient this rank holds, summed over ranks: False to skip the step,
-        FloatingPointError to refuse it; either way nothing is modified."""
+    def _gradients_are_fine(self, grads, indices, limits, hypers) -> Optional[Screen]:
+        """The screen over every gradient this rank holds, summed over ranks: its findings, None to skip
+        the step, or FloatingPointError to refuse it; either way nothing is modified."""
         count = self._distribution.num_params(self.param_groups)
         squares = torch.zeros(count, dtype=torch.float64)
         if grads:
-            squares.index_add_(0, torch.tensor(indices), gradient_check.squared_norms(grads).cpu())
+            entries = list(squares.unbind())
+            for index, square in zip(indices, gradient_check.squared_norms(grads).cpu().unbind()):
+                entries[index] = square
+            squares = torch.stack(entries)
         squares = self._distribution.all_reduce_sum(squares)
         flagged = (~torch.isfinite(squares)).nonzero().flatten().tolist()
         bad: Dict[int, bool] = {}
@@ -295,7 +307,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 bad[index] = bool(flags[index] > 0)
                 if not bad[index]:
                     squares[index] = exact_squares[index]
-        self._gradients_may_overflow = bool((squares > _GRAM_SAFE_SQUARED_NORM).any())
+        finite_squares = torch.where(torch.isfinite(squares), squares, torch.zeros_like(squares))
+        largest_square = finite_squares.max().tolist() if count else 0.0
+        screen = Screen(math.sqrt(largest_square), largest_square > _GRAM_SAFE_SQUARED_NORM)
+        self._gradients_may_overflow = screen.grams_may_overflow  # for inspection
         # per-parameter limits of the math (e.g. SOAP's rotation): the owner knows them; every rank
         # learns the verdict from the summed vector, so the comparison runs where the limit is known
         too_large = torch.zeros(count, dtype=torch.float64)
@@ -306,7 +321,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             too_large = self._distribution.all_reduce_sum(too_large)
         problems = [i for i in range(count) if bad.get(i, False) or too_large[i] > 0]
         if not problems:
-            return True
+            return screen
         first = problems[0]
         group_index, param_index, param = self._distribution.locate(self.param_groups, first)
         where = describe(group_index, param_index, param.shape)
@@ -332,7 +347,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return False
+        return None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -341,12 +356,13 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._prepare_step()
-        if work is None:
+        prepared = self._prepare_step()
+        if prepared is None:
             return loss
-        for (hyper, slots), group in zip(work, self.param_groups):
+        screen, work = prepared
+        for hyper, slots in work:
             if slots:
-                self._step_group(hyper, slots)
+                self._step_group(hyper, slots, screen)
         self._distribution.scatter(self)
         for hyper, group in zip((h for h, _ in work), self.param_groups):
             for param in group["params"]:
@@ -354,7 +370,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     self._layouts[param] = self._layout_key(hyper, param)
         return loss
 
-    def _step_group(self, hyper: Dict[str, Any], slots: List[Slot]) -> None:
+    def _step_group(self, hyper: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- state_dict

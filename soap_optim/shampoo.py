@@ -15,12 +15,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .adam import adam_normalize, decay_then_update_
 from .dispatch import update_factors_maybe_fused_
 from .eigenbasis import (
     Plan,
     all_finite,
     check_plan_options,
+    halve_saturating_sums_,
     initial_basis,
     plan_for,
     plan_for_shape,
@@ -28,7 +28,8 @@ from .eigenbasis import (
     unpreconditioned_plan,
     zero_factors,
 )
-from .optimizer import Slot, SoapOptimizerBase
+from .moment_math import adam_normalize, decay_then_update_, first_moment_ema_
+from .optimizer import Screen, Slot, SoapOptimizerBase
 from .validation import (
     check_betas,
     check_choice,
@@ -46,20 +47,46 @@ def inverse_root(factor: torch.Tensor, exponent: float, matrix_eps: float) -> Op
 
     The damping is relative to the largest eigenvalue, so it does not depend on the scale of the
     gradients or on whether the factor is a sum or an average. Eigenvalues below zero (rounding)
-    are clamped to zero first. An all-zero factor (no gradient seen on that axis) gives the identity.
+    are clamped to zero first. A factor without a normal (non-subnormal) entry, an all-zero one
+    included (no gradient seen on that axis, or one that has decayed away), gives the identity.
     Returns None when the factor is not finite: the caller keeps its previous root.
+
+    The factor is divided by a power of two near its largest entry before the eigendecomposition
+    (exact), so a tiny or huge factor is decomposed as accurately as one of order 1 and its relative
+    damping cannot underflow; the scale comes back in the root's eigenvalues (see ``root_eigenvalues``).
     """
     if not all_finite(factor):
         return None
+    scale = _power_of_two_scale(factor)
+    if scale < torch.finfo(factor.dtype).tiny:
+        return torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    normalized = factor / scale
     # The core's eigh (float64 retry, identity fallback); the eigenvalues are the Rayleigh quotients
     # diag(Q^T F Q), exact to rounding for eigenvectors.
-    basis = initial_basis(factor)
-    values = (basis * (factor @ basis)).sum(dim=0).clamp_min_(0)
-    top = values.max()
-    if not bool(top > 0):
-        return torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    scales = (values + matrix_eps * top).pow_(-exponent)
-    return (basis * scales) @ basis.T
+    basis = initial_basis(normalized)
+    values = (basis * (normalized @ basis)).sum(dim=0).clamp_min_(0)
+    return (basis * root_eigenvalues(values, scale, exponent, matrix_eps)) @ basis.T
+
+
+def _power_of_two_scale(factor: torch.Tensor) -> float:
+    """2^floor(log2(max |F_ij|)) (0.0 for a zero factor): dividing by it is exact and leaves entries in [1, 2)."""
+    largest = float(factor.abs().max()) if factor.numel() else 0.0
+    return math.ldexp(1.0, math.frexp(largest)[1] - 1) if largest > 0 else 0.0
+
+
+def root_eigenvalues(values: torch.Tensor, scale: float, exponent: float, matrix_eps: float) -> torch.Tensor:
+    """(scale * (v + matrix_eps * max(v)))^(-exponent) for the eigenvalues ``v`` of a normalized factor,
+    capped at sqrt of the dtype's max.
+
+    Computed through logarithms in float64, so neither the scale nor a zero damped eigenvalue
+    (``matrix_eps=0`` and a singular factor) overflows on the way. The cap only binds where the exact
+    root would exceed it (a zero or nearly zero damped eigenvalue, or a large ``exponent``); it keeps
+    the root, and its product with a momentum or a second root, finite.
+    """
+    damped = values.double() + matrix_eps * values.max().double()
+    log_cap = 0.5 * math.log(torch.finfo(values.dtype).max)
+    logs = (damped.log() + math.log(scale)).mul_(-exponent)
+    return logs.clamp_(max=log_cap).exp_().to(values.dtype)
 
 
 def root_exponent(plan: Plan, exponent_override: Optional[float]) -> float:
@@ -234,7 +261,7 @@ class Shampoo(SoapOptimizerBase):
         dims = [d for d in plan.factor_dims if d is not None]
         return 2 * numel * sum(dims) + sum(10 * d**3 for d in dims) / hyper["precondition_frequency"] + 10 * numel
 
-    def _step_group(self, group: Dict[str, Any], slots: List[Slot]) -> None:
+    def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         for slot in slots:
             plan = plan_for_shape(slot.shape, group)
             if tuple(slot.param.shape) != tuple(slot.shape):  # a local shard (FSDP2) of an elementwise tensor
@@ -251,7 +278,7 @@ class Shampoo(SoapOptimizerBase):
                 ]
             if group["grafting"] in ("adam", "rmsprop") and "exp_avg_sq" not in state:
                 state["exp_avg_sq"] = torch.zeros_like(grad)
-            direction = shampoo_direction_(grad, state, plan, group, guard_overflow=self._gradients_may_overflow)
+            direction = shampoo_direction_(grad, state, plan, group, guard_overflow=screen.grams_may_overflow)
             lr = float(group["lr"])
             decay_then_update_(slot.param, plan.from_merged(direction), lr, lr * group["weight_decay"])
 
@@ -264,7 +291,7 @@ def shampoo_direction_(
     state["step"] += 1
     step = int(state["step"].item())
     exp_avg = state["exp_avg"]
-    exp_avg.lerp_(grad, 1 - beta1)
+    first_moment_ema_(exp_avg, grad, beta1)
     momentum = exp_avg / (1 - beta1**step)
 
     grafting = group["grafting"]
@@ -280,6 +307,8 @@ def shampoo_direction_(
     if not plan.is_preconditioned:
         return momentum if graft is None else graft
     factors, roots = state["factors"], state["roots"]
+    if group["shampoo_beta"] == 1:
+        halve_saturating_sums_(factors)
     update_factors_maybe_fused_(factors, grad, group["shampoo_beta"], group["fused"], guard_overflow)
     start = group["start_preconditioning_step"]
     if step < start:

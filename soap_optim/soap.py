@@ -21,10 +21,10 @@ from .eigenbasis import (
     without_overflowing_grams,
     zero_factors,
 )
-from .adafactor import factored_second_moment, update_factored_moments_
 from .buckets import flat_state, stacked_state
-from .dispatch import resolve_ops
-from .optimizer import Slot, SoapOptimizerBase
+from .dispatch import get_ops, resolve_ops
+from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
+from .optimizer import Screen, Slot, SoapOptimizerBase
 from .validation import (
     check_betas,
     check_bool,
@@ -229,13 +229,14 @@ class SOAP(SoapOptimizerBase):
 
     def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
         """The rotation's partial sums are bounded by ||G||_F (orthonormal columns, Cauchy-Schwarz), and so
-        are the first moment's entries: ||G||_F <= max/4 keeps every product and EMA finite."""
+        are the first moment's entries: ||G||_F <= max/2 keeps every product and EMA finite, with a
+        factor 2 to spare for rounding."""
         if not plan_for_shape(shape, hyper).is_preconditioned:
             return math.inf
-        return torch.finfo(dtype).max / 4
+        return torch.finfo(dtype).max / 2
 
-    def _step_group(self, group: Dict[str, Any], slots: List[Slot]) -> None:
-        guard = self._gradients_may_overflow
+    def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
+        guard = screen.grams_may_overflow
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
         ready = []
         for slot in slots:
@@ -315,19 +316,6 @@ def _init_state(
     state["bases"] = [None if f is None else initial_basis(f) for f in state["factors"]]
 
 
-def apply_update_(param: torch.Tensor, update: torch.Tensor, step_size: float, decay: float) -> None:
-    """theta <- (1 - decay) * (theta - step_size * update), computed in the update's precision.
-
-    The decay multiplies the already-updated weights (the SOAP reference's order).
-    """
-    target = param if param.dtype == update.dtype else param.to(update.dtype)
-    target.add_(update, alpha=-step_size)
-    if decay > 0:
-        target.add_(target, alpha=-decay)
-    if target is not param:
-        param.copy_(target)
-
-
 def soap_update_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -348,7 +336,7 @@ def soap_update_(
     bases, exp_avg = state["bases"], state["exp_avg"]
 
     rotated = project(grad, bases)
-    exp_avg.mul_(beta1).add_(rotated, alpha=1 - beta1)
+    first_moment_ema_(exp_avg, rotated, beta1)
     denom = _second_moment_update_(state, rotated, beta2).sqrt().add_(group["eps"])
     step_size = _step_size(group, step)
     update = project_back(exp_avg / denom, bases)
@@ -356,7 +344,9 @@ def soap_update_(
         update = update / (1e-30 + update.square().mean().sqrt())
     apply_update_(param, plan.from_merged(update), step_size, lr * group["weight_decay"])
 
-    update_factors_(state["factors"], grad, shampoo_beta, guard)
+    # a batch of one through the bucket path's factor op, so that both paths accumulate the same bits
+    factor_grad = without_overflowing_grams(grad) if guard else grad
+    _bucket_factor_ema_(_as_batch_of_one(state["factors"]), factor_grad.unsqueeze(0), shampoo_beta, get_ops(False))
     _maybe_refresh_(state, step, group)
 
 
@@ -378,15 +368,30 @@ def _step_size(group: Dict[str, Any], step: int) -> float:
     return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
 
 
+def _as_batch_of_one(tensors: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+    """[1, ...] views of ``tensors`` (None stays None): one parameter's state as a bucket of one."""
+    return [None if t is None else t.unsqueeze(0) for t in tensors]
+
+
 def _maybe_refresh_(state: Dict[str, Any], step: int, group: Dict[str, Any]) -> None:
-    """Every precondition_frequency steps: refresh the bases and carry the moments along."""
-    if step % group["precondition_frequency"] == 0:
-        orders = refresh_bases_(state["factors"], state["bases"], state["exp_avg"])
-        if "exp_avg_sq" in state:
-            permute_axes_(state["exp_avg_sq"], orders)
-        else:
-            permute_axes_(state["exp_avg_sq_row"], orders[:1])
-            permute_axes_(state["exp_avg_sq_col"], orders[1:])
+    """Every precondition_frequency steps: refresh the bases and carry the moments along.
+
+    One parameter is refreshed as a bucket of one, through the same batched products and QR as a
+    bucket: with a rank-deficient factor the basis of its null space is whatever the rounding makes
+    it, so both paths must round alike.
+    """
+    if step % group["precondition_frequency"] != 0:
+        return
+    bases = _as_batch_of_one(state["bases"])
+    orders = refresh_bases_(_as_batch_of_one(state["factors"]), bases, state["exp_avg"].unsqueeze(0), batch_dims=1)
+    for axis, (basis, order) in enumerate(zip(bases, orders)):
+        if order is not None:
+            state["bases"][axis] = basis[0]
+    if "exp_avg_sq" in state:
+        permute_axes_(state["exp_avg_sq"].unsqueeze(0), orders, batch_dims=1)
+    else:
+        permute_axes_(state["exp_avg_sq_row"].unsqueeze(0), orders[:1], batch_dims=1)
+        permute_axes_(state["exp_avg_sq_col"].unsqueeze(0), orders[1:], batch_dims=1)
 
 
 def soap_bucket_update_(
@@ -400,6 +405,9 @@ def soap_bucket_update_(
     (the right side of its [rows, d_K] matrix view) inside the fused ops, whose epilogues hold the Adam
     update and the parameter update; mode products on different axes commute, so the order is free.
     """
+    items = _sequential_if_shared(items, group, shampoo_beta, guard)
+    if not items:
+        return
     shape = items[0].plan.merged_shape
     preconditioned = items[0].plan.preconditioned
     states = [item.state for item in items]
@@ -460,6 +468,27 @@ def soap_bucket_update_(
                     state["bases"][axis] = row.copy_(state["bases"][axis])
 
 
+def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, guard: bool) -> List[_Item]:
+    """Step, one at a time and in order, the items whose parameter shares its storage with another item's;
+    return the rest.
+
+    The batched paths stack or concatenate the parameters and copy them back, so of two parameters on one
+    storage only the last copy would survive. One at a time, each update is applied to the other's result,
+    as foreach=False and torch.optim.AdamW do (only host metadata is read: no sync).
+    """
+    storages = [item.param.untyped_storage().data_ptr() for item in items]
+    if len(set(storages)) == len(storages):
+        return items
+    shared = {ptr for ptr in storages if storages.count(ptr) > 1}
+    rest = []
+    for item, ptr in zip(items, storages):
+        if ptr in shared:
+            soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, item.step, guard)
+        else:
+            rest.append(item)
+    return rest
+
+
 def _bucket_factor_ema_(factors: List[Optional[torch.Tensor]], grads: torch.Tensor, beta: float, ops) -> None:
     """F_k <- beta F_k + (1 - beta) C_k for a [B, *merged] stack, through the fused factor op.
 
@@ -483,6 +512,9 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> 
     (see ``buckets.flat_state``), gradients and parameters are concatenated for the step and the
     parameters copied back, so the call costs a handful of ops (or one kernel launch) however many
     small tensors (biases, norm gains) the bucket holds."""
+    items = _sequential_if_shared(items, group, 0.0, False)  # no factors here: beta and guard are unused
+    if not items:
+        return
     beta1, beta2 = group["betas"]
     kwargs = dict(
         beta1=beta1,

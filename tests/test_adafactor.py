@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from soap_optim.adafactor import Adafactor, factored_second_moment, factored_shape
+from soap_optim.adafactor import Adafactor
+from soap_optim.moment_math import factored_second_moment, factored_shape
 from soap_optim.shampoo import Shampoo
 
 F64 = torch.float64

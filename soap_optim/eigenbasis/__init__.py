@@ -1,6 +1,6 @@
 """The shared eigenbasis core: pure functions used by SOAP and the rest of the family."""
 from .bases import all_finite, initial_basis, refreshed_basis
-from .factors import mode_gram, update_factors_, without_overflowing_grams, zero_factors
+from .factors import halve_saturating_sums_, mode_gram, update_factors_, without_overflowing_grams, zero_factors
 from .moments import permute_axes_, refresh_bases_
 from .plan import (
     DATA_FORMATS,
@@ -19,6 +19,7 @@ __all__ = [
     "Plan",
     "all_finite",
     "check_plan_options",
+    "halve_saturating_sums_",
     "initial_basis",
     "make_plan",
     "merge_shape",

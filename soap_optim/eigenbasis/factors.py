@@ -44,6 +44,21 @@ def without_overflowing_grams(grad: torch.Tensor, batch_dims: int = 0) -> torch.
     return torch.where(norm <= math.sqrt(torch.finfo(grad.dtype).max / 4), grad, grad.new_zeros(()))
 
 
+def halve_saturating_sums_(factors: Sequence[Optional[torch.Tensor]]) -> None:
+    """In place: F <- F / 2 for every factor whose largest diagonal entry exceeds half the dtype's max.
+
+    For running sums (``beta == 1``), called before each accumulation: a Gram matrix adds at most max/4
+    to an entry (see ``without_overflowing_grams``) and a PSD factor's largest entry is on its diagonal,
+    so a sum whose entries are at most max/2 stays finite (<= 3/4 max). Halving is exact, and the
+    inverse root is scale-equivariant up to its relative damping: it only weighs the history down
+    against the gradients still to come. No host sync; a factor below the limit is multiplied by 1.
+    """
+    for factor in factors:
+        if factor is not None and factor.numel():
+            limit = torch.finfo(factor.dtype).max / 2
+            factor.mul_(torch.where(factor.diagonal().amax() > limit, 0.5, 1.0).to(factor.dtype))
+
+
 def update_factors_(
     factors: Sequence[Optional[torch.Tensor]], grad: torch.Tensor, beta: float, guard_overflow: bool = True
 ) -> None:

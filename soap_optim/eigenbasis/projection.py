@@ -23,6 +23,9 @@ def _mode_product(x: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Ten
 
     A [B, d, d] ``matrix`` applies member b's matrix to x[b] (x's first axis is the batch).
     """
+    if matrix.dim() == 3 and x.dim() == 2:
+        # a batch of vectors (a 1-D tensor's bucket of one): member b's row times its matrix
+        return (x.unsqueeze(1) @ matrix).squeeze(1)
     if matrix.dim() == 3 and x.dim() > 3:
         # broadcast member b's matrix over x[b]'s other axes
         matrix = matrix.view(matrix.shape[0], *([1] * (x.dim() - 3)), *matrix.shape[1:])
