@@ -35,6 +35,8 @@ together with DTensor parameters.
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -42,6 +44,33 @@ import torch
 from .ownership import assign_owners
 
 LOCAL = -1  # role of a parameter stepped where it is (single process, or a shard-stepped DTensor)
+
+
+@dataclass
+class CommStats:
+    """What this rank's optimizer steps have communicated since the last ``reset``: one count per
+    collective call, the bytes it sent plus received, and the wall time spent inside the calls (on
+    CUDA, synchronized before and after each, so the time is the collective's)."""
+
+    collectives: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def reset(self) -> None:
+        self.collectives, self.bytes, self.seconds = 0, 0, 0.0
+
+    def run(self, collective, *tensors_in_out: torch.Tensor, **kwargs) -> None:
+        """``collective(*tensors_in_out, **kwargs)``, counted (bytes: every tensor given)."""
+        on_cuda = any(t.is_cuda for t in tensors_in_out)
+        if on_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        collective(*tensors_in_out, **kwargs)
+        if on_cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        self.collectives += 1
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors_in_out)
 
 
 class WorkItem(NamedTuple):
@@ -86,6 +115,7 @@ class Distribution:
         self._roles: Optional[List[int]] = None  # per global index: LOCAL or the owner rank
         self._entries: List[Tuple[int, int, torch.Tensor]] = []
         self._pending: List[Tuple[torch.Tensor, torch.Tensor, int]] = []  # (param, full tensor, owner)
+        self.stats = CommStats()
 
     # ------------------------------------------------------------------ mode and ranks
     def check_params(self, params: Sequence[torch.Tensor]) -> None:
@@ -260,8 +290,8 @@ class Distribution:
             device = self._entries[indices[0]][2].to_local().device
             send = torch.cat([torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device) for pieces in sends])
             received = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
-            torch.distributed.all_to_all_single(
-                received, send, output_split_sizes=receive_sizes,
+            self.stats.run(
+                torch.distributed.all_to_all_single, received, send, output_split_sizes=receive_sizes,
                 input_split_sizes=[sum(p.numel() for p in pieces) for pieces in sends], group=self.group,
             )
             per_source = list(received.split(receive_sizes))
@@ -316,8 +346,8 @@ class Distribution:
             device = self._entries[indices[0]][2].to_local().device
             send = torch.cat([torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device) for pieces in sends])
             received = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
-            torch.distributed.all_to_all_single(
-                received, send, output_split_sizes=receive_sizes,
+            self.stats.run(
+                torch.distributed.all_to_all_single, received, send, output_split_sizes=receive_sizes,
                 input_split_sizes=[sum(p.numel() for p in pieces) for pieces in sends], group=self.group,
             )
             per_source = list(received.split(receive_sizes))
@@ -348,7 +378,7 @@ class Distribution:
                 torch.cat([p.detach().reshape(-1) for p in shares[me]], out=send[: sizes[me]])
             gathered = torch.empty(world * width, dtype=dtype, device=device)
             all_gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
-            all_gather(gathered, send, group=self.group)
+            self.stats.run(all_gather, gathered, send, group=self.group)
             for rank, share in enumerate(shares):
                 if rank == me or not share:
                     continue
@@ -362,7 +392,7 @@ class Distribution:
             return tensor
         device = self._collective_device()
         reduced = tensor.to(device)
-        torch.distributed.all_reduce(reduced, group=self.group)
+        self.stats.run(torch.distributed.all_reduce, reduced, group=self.group)
         return reduced.cpu()
 
     def _collective_device(self) -> torch.device:
