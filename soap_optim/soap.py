@@ -208,6 +208,11 @@ class SOAP(SoapOptimizerBase):
             shapes["exp_avg_sq"] = plan.merged_shape
         return shapes
 
+    def _check_can_step(self, hyper: Dict[str, Any], params) -> None:
+        super()._check_can_step(hyper, params)
+        for param in params:
+            plan_for_shape(param.shape, hyper)  # ValueError for a one_sided_dim out of this shape's range
+
     def _is_elementwise(self, shape: torch.Size, hyper: Dict[str, Any]) -> bool:
         plan = plan_for_shape(shape, hyper)
         return (

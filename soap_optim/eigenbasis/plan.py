@@ -103,7 +103,13 @@ def make_plan(
     if one_sided_dim is None:
         keep = min(eligible, key=lambda axis: plan.merged_shape[axis])
     else:
-        keep = one_sided_dim % len(plan.merged_shape)
+        axes = len(plan.merged_shape)
+        if not -axes <= one_sided_dim < axes:
+            raise ValueError(
+                f"Invalid one_sided_dim: {one_sided_dim} (a parameter of shape {tuple(shape)} has {axes} merged "
+                f"axes {plan.merged_shape}: it must be in [{-axes}, {axes})"
+            )
+        keep = one_sided_dim % axes
     preconditioned = tuple(axis == keep and p for axis, p in enumerate(plan.preconditioned))
     return Plan(plan.shape, plan.permutation, plan.merged_shape, preconditioned)
 
