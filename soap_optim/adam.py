@@ -240,6 +240,12 @@ class Adam(SoapOptimizerBase):
             gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
         state_dtype: dtype of all floating state: ``None`` (float32, float64 for float64
             parameters), ``torch.float32`` or ``torch.float64``.
+        skip_nonfinite_grads: a step whose gradients (in the state's dtype) are not finite is skipped
+            instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
+            counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
+        process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
+            steps, a cost-balanced share of the parameters, and one all-gather per step brings every
+            replica the new values. FSDP2 (DTensor) parameters need no keyword.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad),
     as in torch.optim.Adam. Floating state is float32 (float64 for float64 parameters), so bf16/fp16

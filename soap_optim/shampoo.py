@@ -159,6 +159,12 @@ class Shampoo(SoapOptimizerBase):
             gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
         state_dtype: dtype of all floating state: ``None`` (float32, float64 for float64
             parameters), ``torch.float32`` or ``torch.float64``.
+        skip_nonfinite_grads: a step whose gradients (in the state's dtype) are not finite is skipped
+            instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
+            counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
+        process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
+            steps, a cost-balanced share of the parameters, and one all-gather per step brings every
+            replica the new values. FSDP2 (DTensor) parameters need no keyword.
         fused: the Kronecker factor update of 2-D (merged) tensors through the fused Triton kernel:
             ``None`` for CUDA tensors with float32 state when triton imports, ``True`` always (an error
             where it cannot run), ``False`` never.

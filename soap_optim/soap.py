@@ -97,6 +97,12 @@ class SOAP(SoapOptimizerBase):
             gradient's norm, before the step (see ``soap_optim.extras.orthogonalize_grad_``).
         state_dtype: dtype of all floating state: ``None`` (float32, float64 for float64
             parameters), ``torch.float32`` or ``torch.float64``.
+        skip_nonfinite_grads: a step whose gradients (in the state's dtype) are not finite is skipped
+            instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
+            counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
+        process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
+            steps, a cost-balanced share of the parameters, and one all-gather per step brings every
+            replica the new values. FSDP2 (DTensor) parameters need no keyword.
         one_sided: keep one factor per parameter (see above).
         one_sided_dim: merged axis to precondition when ``one_sided`` (default: the smallest).
         factorized: factored second moment for 2-D (merged) parameters (see above).
@@ -118,7 +124,9 @@ class SOAP(SoapOptimizerBase):
     parameter dtype, and stays so across ``load_state_dict``.
 
     Non-finite gradients raise ``FloatingPointError`` naming the parameter, before anything is
-    modified (``torch.amp.GradScaler`` never calls ``step`` with them, so mixed precision is fine).
+    modified (``torch.amp.GradScaler`` never calls ``step`` with them, so mixed precision is fine); so
+    does a gradient whose Frobenius norm is above half the state dtype's max, which the rotation could
+    overflow.
     """
 
     def __init__(

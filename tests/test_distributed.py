@@ -215,7 +215,34 @@ def _to_one_process(mode, rank, out_dir):
     return _compare(single, reference)
 
 
+def _unsupported(rank, out_dir):
+    """What is not supported says so at construction, on every rank, before any step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    messages = {}
+
+    def refused(name, build):
+        try:
+            build()
+            messages[name] = None
+        except ValueError as error:
+            messages[name] = str(error)
+
+    hsdp = Net()
+    fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, WORLD_SIZE), mesh_dim_names=("replicate", "shard")))
+    refused("hsdp", lambda: soap_optim.SOAP(hsdp.parameters()))
+    column = nn.Parameter(distribute_tensor(torch.randn(4, 6), _mesh(), [Shard(1)]))
+    refused("tensor-parallel", lambda: soap_optim.AdamW([column]))
+    row = nn.Parameter(distribute_tensor(torch.randn(4, 6), _mesh(), [Shard(0)]))
+    refused("mixed", lambda: soap_optim.SOAP([row, nn.Parameter(torch.randn(3))]))
+    refused("process-group", lambda: soap_optim.SOAP([row], process_group=torch.distributed.group.WORLD))
+    return messages
+
+
 SCENARIOS = {f"parity-{o}-{m}-{d}": functools.partial(_parity, o, m, d) for o, m, d in PARITY}
+SCENARIOS["unsupported"] = _unsupported
 for _mode in MODES:
     SCENARIOS[f"nonfinite-{_mode}"] = functools.partial(_nonfinite, _mode)
     SCENARIOS[f"dcp-{_mode}"] = functools.partial(_dcp_resume, _mode)
@@ -276,3 +303,11 @@ def test_consolidated_state_dict_loads_into_one_process(job, mode):
     first, second = _records(job, f"to-one-process-{mode}")
     assert second["none_elsewhere"]
     assert first["bitwise"], first["max_diff"]
+
+
+def test_unsupported_layouts_are_refused_with_a_clear_error(job):
+    for messages in _records(job, "unsupported"):
+        assert "HSDP (2-D meshes) and tensor parallelism are not supported" in messages["hsdp"]
+        assert "sharded on dim 0 (Shard(0))" in messages["tensor-parallel"]
+        assert "cannot be mixed with plain tensors" in messages["mixed"]
+        assert "process_group= is for DDP" in messages["process-group"]
