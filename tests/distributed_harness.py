@@ -32,14 +32,17 @@ GLOBAL_BATCH = 8
 
 class Net(nn.Module):
     """A conv weight (4-D, merged under merge_dims), matrices whose dim 0 does not split evenly (7 and 5
-    rows over 2 ranks), a 3-D weight, biases and a LayerNorm's 1-D gains."""
+    rows over 2 ranks), same-shaped matrices (fc1 and gate, the two costliest, which the owners split,
+    so the batched products run on other batch sizes than in one process; three 7 x 7 blocks), a 3-D weight, biases and a LayerNorm's 1-D gains."""
 
     def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.conv = nn.Conv2d(3, 4, 3)
         self.fc1 = nn.Linear(36, 7)
+        self.gate = nn.Linear(36, 7)
         self.norm = nn.LayerNorm(7)
+        self.blocks = nn.ModuleList(nn.Linear(7, 7) for _ in range(3))
         self.fc2 = nn.Linear(7, 5)
         self.mix = nn.Parameter(torch.randn(6, 6, 2) / 6)
         self.to(dtype)
@@ -47,7 +50,9 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = torch.tanh(self.conv(x)).flatten(1)
         mixed = torch.einsum("bij,ijk->bk", features.reshape(-1, 6, 6), self.mix)
-        hidden = torch.tanh(self.norm(self.fc1(features)))
+        hidden = torch.tanh(self.norm(self.fc1(features))) * torch.sigmoid(self.gate(features))
+        for block in self.blocks:
+            hidden = hidden + torch.tanh(block(hidden))
         return torch.cat([self.fc2(hidden), mixed], dim=1)
 
 
