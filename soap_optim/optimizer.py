@@ -212,18 +212,21 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         return math.inf
 
     # ----------------------------------------------------------------- step
-    def _layout_key(self, hyper: Dict[str, Any], param: torch.Tensor) -> Tuple[str, ...]:
+    def _layout_options(self, hyper: Dict[str, Any]) -> Tuple[str, ...]:
+        return tuple(f"{key}={hyper.get(key)!r}" for key in self._layout_keys)
+
+    def _layout_key(self, hyper: Dict[str, Any], param: torch.Tensor, options=None) -> Tuple[str, ...]:
         """What a parameter's state layout was built from: the layout options, its dtype and shape."""
-        options = tuple(f"{key}={hyper.get(key)!r}" for key in self._layout_keys)
+        options = self._layout_options(hyper) if options is None else options
         return options + (f"parameter dtype={param.dtype}", f"shape={tuple(param.shape)}")
 
-    def _check_layout(self, hyper: Dict[str, Any], param: torch.Tensor, where: str) -> None:
-        """ValueError if the state of ``param`` was built under other layout options or another dtype."""
+    def _check_layout(self, options: Tuple[str, ...], param: torch.Tensor, where) -> None:
+        """ValueError if the state of ``param`` was built under other layout ``options`` or another dtype
+        (``where``: a callable describing the parameter, called only on error)."""
         built = self._layouts.get(param)
-        if built is None:
-            return
-        current = self._layout_key(hyper, param)
-        if built != current:
+        current = self._layout_key({}, param, options)
+        if built is not None and built != current:
+            where = where()
             changed = [(old, new) for old, new in zip(built, current) if old != new]
             raise ValueError(
                 f"{type(self).__name__}: the state of {where} was built with {', '.join(o for o, _ in changed)}, "
@@ -249,9 +252,13 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         grads, indices, limits = [], [], []
         for group_index, (hyper, items) in enumerate(zip(hypers, work)):
             effective = []
+            options = self._layout_options(hyper)
             for item in items:
-                if self.state.get(item.param):
-                    self._check_layout(hyper, item.param, describe(group_index, item.param_index, item.param.shape))
+                if item.param in self._layouts:
+                    self._check_layout(
+                        options, item.param,
+                        lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
+                    )
                 grad = gradient_check.effective_gradient(
                     item.tensor, item.grad, state_dtype(item.param, hyper),
                     orthograd=hyper["orthograd"], maximize=hyper["maximize"],
@@ -283,42 +290,42 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         """The screen over every gradient this rank holds, summed over ranks: its findings, None to skip
         the step, or FloatingPointError to refuse it; either way nothing is modified."""
         count = self._distribution.num_params(self.param_groups)
+        distributed = self._distribution.world_size > 1
         squares = torch.zeros(count, dtype=torch.float64)
         if grads:
             entries = list(squares.unbind())
             for index, square in zip(indices, gradient_check.squared_norms(grads).cpu().unbind()):
                 entries[index] = square
             squares = torch.stack(entries)
-        squares = self._distribution.all_reduce_sum(squares)
-        flagged = (~torch.isfinite(squares)).nonzero().flatten().tolist()
+        values = self._distribution.all_reduce_sum(squares).tolist()  # the one host read
+        flagged = [index for index, value in enumerate(values) if not math.isfinite(value)]
         bad: Dict[int, bool] = {}
         if flagged:
             # rare: look at the flagged gradients entry by entry (and without overflow), again over ranks
-            mine = [k for k, index in enumerate(indices) if index in set(flagged)]
+            wanted = set(flagged)
+            mine = [k for k, index in enumerate(indices) if index in wanted]
             is_bad, exact = gradient_check.confirm_nonfinite([grads[k] for k in mine])
-            flags = torch.zeros(count, dtype=torch.float64)
-            exact_squares = torch.zeros(count, dtype=torch.float64)
+            flags = torch.zeros(2, count, dtype=torch.float64)
             for k, b, e in zip(mine, is_bad, exact):
-                flags[indices[k]] += float(b)
+                flags[0, indices[k]] += float(b)
                 if not b:
-                    exact_squares[indices[k]] += e
-            flags, exact_squares = self._distribution.all_reduce_sum(torch.stack([flags, exact_squares])).unbind(0)
+                    flags[1, indices[k]] += e
+            flag_values, exact_values = self._distribution.all_reduce_sum(flags).tolist()
             for index in flagged:
-                bad[index] = bool(flags[index] > 0)
+                bad[index] = flag_values[index] > 0
                 if not bad[index]:
-                    squares[index] = exact_squares[index]
-        finite_squares = torch.where(torch.isfinite(squares), squares, torch.zeros_like(squares))
-        largest_square = finite_squares.max().tolist() if count else 0.0
+                    values[index] = exact_values[index]
+        largest_square = max((v for v in values if math.isfinite(v)), default=0.0)
         screen = Screen(math.sqrt(largest_square), largest_square > _GRAM_SAFE_SQUARED_NORM)
         self._gradients_may_overflow = screen.grams_may_overflow  # for inspection
-        # per-parameter limits of the math (e.g. SOAP's rotation): the owner knows them; every rank
-        # learns the verdict from the summed vector, so the comparison runs where the limit is known
-        too_large = torch.zeros(count, dtype=torch.float64)
+        # per-parameter limits of the math (e.g. SOAP's rotation): known where the parameter is stepped;
+        # every rank learns the verdict through the sum
+        too_large = [0.0] * count
         for k, index in enumerate(indices):
-            if limits[k] < math.inf and not bad.get(index, False) and math.sqrt(squares[index]) > limits[k]:
+            if limits[k] < math.inf and not bad.get(index, False) and math.sqrt(values[index]) > limits[k]:
                 too_large[index] = 1.0
-        if math.isfinite(max(limits, default=math.inf)) or self._distribution.world_size > 1:
-            too_large = self._distribution.all_reduce_sum(too_large)
+        if distributed:
+            too_large = self._distribution.all_reduce_sum(torch.tensor(too_large, dtype=torch.float64)).tolist()
         problems = [i for i in range(count) if bad.get(i, False) or too_large[i] > 0]
         if not problems:
             return screen
@@ -329,7 +336,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             reason = f"non-finite gradient (NaN or Inf, in the state's dtype) for {where}"
         else:
             reason = (
-                f"gradient too large for {where}: its norm {math.sqrt(float(squares[first])):.3e} is above what "
+                f"gradient too large for {where}: its norm {math.sqrt(values[first]):.3e} is above what "
                 f"{type(self).__name__} can rotate in {state_dtype(param, hypers[group_index])} without overflow"
             )
         skip = all(

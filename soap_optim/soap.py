@@ -218,8 +218,9 @@ class SOAP(SoapOptimizerBase):
 
     def _check_can_step(self, hyper: Dict[str, Any], params) -> None:
         super()._check_can_step(hyper, params)
-        for param in params:
-            plan_for_shape(param.shape, hyper)  # ValueError for a one_sided_dim out of this shape's range
+        if hyper["one_sided"] and hyper["one_sided_dim"] is not None:
+            for param in params:
+                plan_for_shape(param.shape, hyper)  # ValueError for a one_sided_dim out of this shape's range
 
     def _is_elementwise(self, shape: torch.Size, hyper: Dict[str, Any]) -> bool:
         plan = plan_for_shape(shape, hyper)
