@@ -257,3 +257,42 @@ def test_preset_gpt_25m_in_its_shortened_form(tmp_path):
     assert 20e6 < model["parameters"] < 40e6
     assert results["settings"]["train_bytes"] == presets.PRESETS["gpt-25m"]["train_bytes"]
     assert math.isfinite(results["lm"]["optimizers"]["torch-adamw"]["final"])
+
+
+def test_first_step_skipped_and_warmed_up_wrappers():
+    from soap_optim.bench.diagnosis import first_step_skipped, warmed_up
+
+    def one_step(cls, steps, **kwargs):
+        weight = torch.nn.Parameter(torch.zeros(3))
+        optimizer = cls([weight], lr=0.5, **kwargs)
+        moves = []
+        for _ in range(steps):
+            weight.grad = torch.ones(3)
+            before = weight.detach().clone()
+            optimizer.step()
+            moves.append((weight.detach() - before)[0].item())
+        return moves, optimizer
+
+    assert one_step(first_step_skipped(torch.optim.SGD), 2)[0] == [0.0, pytest.approx(-0.5)]
+    moves, optimizer = one_step(warmed_up(torch.optim.SGD, 4), 5)
+    assert moves == pytest.approx([-0.125, -0.25, -0.375, -0.5, -0.5])
+    assert optimizer.param_groups[0]["lr"] == 0.5  # the ramp does not leak into the lr the loop set
+
+
+def test_diagnosis_runs_every_suspect_on_the_seeds():
+    from soap_optim.bench import problems
+    from soap_optim.bench.diagnosis import diagnose
+    from soap_optim.bench.optimizers import ours
+    from soap_optim.bench.suite import Settings
+
+    settings = Settings(finetune_steps=4, evals=2, batch_size=8, precondition_frequency=2, progress=False)
+    task = problems.finetune(settings, torch.device("cpu"))
+    specs = [spec for spec in ours() if spec.key in ("torch-adamw", "soap")]
+    recipe = settings.hyper(3e-3, betas=(0.9, 0.999))
+    result = diagnose(task, specs, recipe, [0, 1], torch.device("cpu"), False)
+    keys = {entry["key"] for entry in result["optimizers"].values()}
+    assert keys == {"torch-adamw", "soap", "adamw-first-step-skipped", "soap-warmup", "soap-beta2", "soap-lr-x2", "soap-lr-x5"}
+    skipped = result["optimizers"]["adamw-first-step-skipped@0.003"]
+    plain = result["optimizers"]["torch-adamw@0.003"]
+    assert all(e["seeds"] == [0, 1] and e["final"]["n"] == 2 for e in result["optimizers"].values())
+    assert skipped["final_per_seed"] != plain["final_per_seed"]  # one update fewer changes the result

@@ -10,6 +10,7 @@ Returns one JSON-ready section per task with up to three tables, each aggregated
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -51,6 +52,7 @@ def seeded_part(
         "shared_lr": shared,
     }
     summary = dict(target=task.target, extra=task.extra)
+    started = time.perf_counter()
     if settings.tune:
         chosen, record, runs = tune(task, specs, hyper_at, grid_of(shared, settings.tune_grid), seeds, device,
                                     settings.progress, also=[shared])
@@ -60,6 +62,9 @@ def seeded_part(
     else:
         runs = train_seeds(task, pairs(specs, [hyper_at(shared)]), seeds, device, f"{task.name}: {len(seeds)} seeds", settings.progress)
         section["shared"] = aggregate(runs, (BASELINE, shared), **summary)
+    section["seconds"] = {"tune" if settings.tune else "seeds": time.perf_counter() - started}
     if settings.swap:
+        started = time.perf_counter()
         section["swap"] = swap(task, specs if swap_specs is None else swap_specs, settings, seeds, device)
+        section["seconds"]["swap"] = time.perf_counter() - started
     return section

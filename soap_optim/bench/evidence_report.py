@@ -13,7 +13,15 @@ TABLES = {
     "shared": "Shared lr",
     "best": "Each optimizer at its own best lr (chosen on the validation split)",
     "swap": "One-line swap: AdamW's settings, unchanged",
+    "diagnosis": "Where SOAP loses the swap: each suspect alone, against the recipe's AdamW",
 }
+
+
+def _table_of(section: Dict[str, Any], name: str) -> Optional[Dict[str, Any]]:
+    """A table of the section: its own, or the swap's diagnosis."""
+    if name == "diagnosis":
+        return (section.get("swap") or {}).get("diagnosis")
+    return section.get(name)
 
 
 def _interval(value: Optional[Dict[str, Any]], spec: str = ".4f", scale: float = 1.0, suffix: str = "") -> str:
@@ -30,7 +38,7 @@ def _reached(entry: Dict[str, Any]) -> str:
 
 
 def table_lines(section: Dict[str, Any], name: str, metric_name: str, extra: Optional[str] = None) -> List[str]:
-    part = section[name]
+    part = _table_of(section, name)
     fixed = part.get("target")
     target = f"f/f0 <= {fixed:g}" if fixed is not None else f"AdamW's final {metric_name} on the same seed"
     lines = [f"Target: {target}. Intervals: 95% over the seeds (t); \"vs AdamW\" compares final {metric_name} intervals.", ""]
@@ -89,13 +97,14 @@ def grid_lines(record: Dict[str, Any], labels: Dict[str, str]) -> List[str]:
 def section_lines(results: Dict[str, Any], task: str, metric_name: str, extra: Optional[str] = None) -> List[str]:
     section = results[task]
     labels = {key: o["label"] for key, o in results["optimizers"].items()}
+    seconds = ", ".join(f"{mode} {value:.0f} s" for mode, value in section.get("seconds", {}).items())
     lines = [
         f"{section['task']}. {section['steps']} steps, evaluated every {section['eval_every']}; {section['schedule']}. "
-        f"Seeds {', '.join(map(str, section['seeds']))} (initial weights and batch order).",
+        f"Seeds {', '.join(map(str, section['seeds']))} (initial weights and batch order). Wall time: {seconds}.",
         "",
     ]
     for name, title in TABLES.items():
-        if name not in section:
+        if _table_of(section, name) is None:
             continue
         lines += [f"#### {title}", ""]
         if name == "best":
@@ -127,10 +136,11 @@ def plot(results: Dict[str, Any], out: Path) -> List[str]:
         if not section or "seeds" not in section:
             continue
         for name, title in TABLES.items():
-            if name not in section:
+            table = _table_of(section, name)
+            if table is None:
                 continue
             fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-            for entry in section[name]["optimizers"].values():
+            for entry in table["optimizers"].values():
                 b = entry["band"]
                 if not b["step"]:
                     continue
@@ -141,7 +151,7 @@ def plot(results: Dict[str, Any], out: Path) -> List[str]:
                     line, = ax.plot(x, b["mean"], **style)
                     if all(v is not None for v in b["low"]):
                         ax.fill_between(x, b["low"], b["high"], color=line.get_color(), alpha=0.2, linewidth=0)
-            finite = [v for e in section[name]["optimizers"].values() for v in e["band"]["mean"] if v is not None and math.isfinite(v)]
+            finite = [v for e in table["optimizers"].values() for v in e["band"]["mean"] if v is not None and math.isfinite(v)]
             for ax, xlabel in zip(axes, ("step", "training seconds (mean over seeds)")):
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel("loss (mean, 95% band)")

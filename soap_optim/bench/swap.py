@@ -5,7 +5,7 @@ least squares, where it would move the optimum) at AdamW's best lr for the task 
 validation split by ``--tune``; without it, the task's shared lr), with the task's schedule. Every
 optimizer runs with exactly that, and its other arguments at its class's defaults.
 
-Beside them, two documented SOAP settings a user moving from AdamW could change, each measured: the lr
+Where SOAP ends behind AdamW, :mod:`.diagnosis` measures each suspect alone. Beside them, two SOAP settings a user moving from AdamW could change, each measured: the lr
 times ``--swap-lr-multiplier`` (SOAP's best lr is often a few times AdamW's), and SOAP's own default
 betas (0.95, 0.95).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from typing import Any, Dict, List, Sequence
 
+from .diagnosis import diagnose, soap_loses
 from .optimizers import BASELINE, Hyper, OptimizerSpec
 from .problems import Task
 from .seeded import Pair, aggregate, train_seeds
@@ -48,4 +49,7 @@ def swap(task: Task, specs: Sequence[OptimizerSpec], settings, seeds: Sequence[i
     runs = train_seeds(task, variants(specs, recipe, settings.swap_lr_multiplier), seeds, device, f"{task.name}: swap", settings.progress)
     section["recipe"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()}
     section["lr_source"] = "AdamW's best on the validation split (--tune)" if settings.tune else "the task's shared lr"
-    return {**section, **aggregate(runs, (BASELINE, lr), target=task.target, extra=task.extra)}
+    section.update(aggregate(runs, (BASELINE, lr), target=task.target, extra=task.extra))
+    if soap_loses(section):
+        section["diagnosis"] = diagnose(task, specs, recipe, seeds, device, settings.progress)
+    return section
