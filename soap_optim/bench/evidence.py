@@ -6,7 +6,8 @@ Returns one JSON-ready section per task with up to three tables, each aggregated
 * ``shared``: every optimizer at the task's shared lr (AdamW's best on the default settings);
 * ``best`` (with ``--tune``): every optimizer at its own best lr on the validation split, against
   AdamW at its own, with the grid in ``grid``;
-* ``swap`` (with ``--swap``): every optimizer with an AdamW user's settings (:mod:`.swap`).
+* ``swap`` (with ``--swap``): every optimizer with an AdamW user's settings (:mod:`.swap`), and
+  ``swap_shared`` the same at the task's shared lr where ``--tune`` found AdamW's best elsewhere.
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def seeded_part(
     section["seconds"] = {"tune" if settings.tune else "seeds": time.perf_counter() - started}
     if settings.swap:
         started = time.perf_counter()
-        section["swap"] = swap(task, specs if swap_specs is None else swap_specs, settings, seeds, device)
+        family = specs if swap_specs is None else swap_specs
+        section["swap"] = swap(task, family, settings, seeds, device)
+        if section["swap"]["recipe"]["lr"] != shared:
+            section["swap_shared"] = swap(task, family, settings, seeds, device, lr=shared)
         section["seconds"]["swap"] = time.perf_counter() - started
     return section

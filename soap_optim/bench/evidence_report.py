@@ -9,19 +9,23 @@ from typing import Any, Dict, List, Optional
 from .optimizers import BASELINE
 from .report import _fmt, _table
 
+DIAGNOSIS = "Where SOAP loses this swap: each suspect alone, against the recipe's AdamW"
 TABLES = {
     "shared": "Shared lr",
     "best": "Each optimizer at its own best lr (chosen on the validation split)",
     "swap": "One-line swap: AdamW's settings, unchanged",
-    "diagnosis": "Where SOAP loses the swap: each suspect alone, against the recipe's AdamW",
+    "swap/diagnosis": DIAGNOSIS,
+    "swap_shared": "One-line swap at the task's shared lr, as a loop has it (untuned)",
+    "swap_shared/diagnosis": DIAGNOSIS,
 }
 
 
 def _table_of(section: Dict[str, Any], name: str) -> Optional[Dict[str, Any]]:
-    """A table of the section: its own, or the swap's diagnosis."""
-    if name == "diagnosis":
-        return (section.get("swap") or {}).get("diagnosis")
-    return section.get(name)
+    """A table of the section by its path in :data:`TABLES` (``swap/diagnosis``: the swap's diagnosis)."""
+    table: Optional[Dict[str, Any]] = section
+    for part in name.split("/"):
+        table = (table or {}).get(part)
+    return table
 
 
 def _interval(value: Optional[Dict[str, Any]], spec: str = ".4f", scale: float = 1.0, suffix: str = "") -> str:
@@ -42,7 +46,7 @@ def table_lines(section: Dict[str, Any], name: str, metric_name: str, extra: Opt
     fixed = part.get("target")
     target = f"f/f0 <= {fixed:g}" if fixed is not None else f"AdamW's final {metric_name} on the same seed"
     lines = [f"Target: {target}. Intervals: 95% over the seeds (t); \"vs AdamW\" compares final {metric_name} intervals.", ""]
-    if name == "swap":
+    if name.startswith("swap") and "recipe" in part:
         recipe = part["recipe"]
         lines = [
             f"Recipe: lr {recipe['lr']:g} ({part['lr_source']}), betas {tuple(recipe['betas'])}, eps {recipe['eps']:g}, "
@@ -165,7 +169,7 @@ def plot(results: Dict[str, Any], out: Path) -> List[str]:
             heading = f"{title}; seeds {section['seeds']}. {section['task'].replace('`', '')}"
             fig.suptitle("\n".join(textwrap.wrap(heading, 130)), fontsize=9)
             fig.tight_layout()
-            file_name = f"{task}_{name}.png"
+            file_name = f"{task}_{name.replace('/', '_')}.png"
             fig.savefig(out / file_name, dpi=110)
             plt.close(fig)
             written.append(file_name)

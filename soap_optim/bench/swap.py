@@ -12,7 +12,7 @@ betas (0.95, 0.95).
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .diagnosis import diagnose, soap_loses
 from .optimizers import BASELINE, Hyper, OptimizerSpec
@@ -34,13 +34,17 @@ def variants(specs: Sequence[OptimizerSpec], recipe: Hyper, multiplier: float) -
     return chosen
 
 
-def swap(task: Task, specs: Sequence[OptimizerSpec], settings, seeds: Sequence[int], device) -> Dict[str, Any]:
+def swap(
+    task: Task, specs: Sequence[OptimizerSpec], settings, seeds: Sequence[int], device, lr: Optional[float] = None
+) -> Dict[str, Any]:
+    """The swap table at ``lr``; None: AdamW's best with ``--tune``, else the task's shared lr."""
     def recipe_at(lr: float) -> Hyper:
         return settings.hyper(lr, betas=USER_BETAS, **task.changes)
 
     section: Dict[str, Any] = {}
-    lr = task.lrs[0]
-    if settings.tune:
+    tuned = lr is None and settings.tune
+    lr = task.lrs[0] if lr is None else lr
+    if tuned:
         baseline = [spec for spec in specs if spec.key == BASELINE]
         chosen, record, _ = tune(task, baseline, recipe_at, grid_of(lr, settings.tune_grid), seeds, device, settings.progress)
         lr = chosen[BASELINE]
@@ -48,7 +52,7 @@ def swap(task: Task, specs: Sequence[OptimizerSpec], settings, seeds: Sequence[i
     recipe = recipe_at(lr)
     runs = train_seeds(task, variants(specs, recipe, settings.swap_lr_multiplier), seeds, device, f"{task.name}: swap", settings.progress)
     section["recipe"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()}
-    section["lr_source"] = "AdamW's best on the validation split (--tune)" if settings.tune else "the task's shared lr"
+    section["lr_source"] = "AdamW's best on the validation split (--tune)" if tuned else "the task's shared lr, untuned"
     section.update(aggregate(runs, (BASELINE, lr), target=task.target, extra=task.extra))
     if soap_loses(section):
         section["diagnosis"] = diagnose(task, specs, recipe, seeds, device, settings.progress)
