@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import machine, report, suite
+from . import evidence_report, machine, presets, report, suite
 from .optimizers import all_specs, select
 from .suite import Settings
 
@@ -64,6 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"refresh periods measured per optimizer in the step-time part (default: {defaults.timing_periods})")
     parser.add_argument("--timing-warmup", type=int, default=defaults.timing_warmup,
                         help=f"unmeasured steps first, rounded up to whole periods (default: {defaults.timing_warmup})")
+    parser.add_argument("--finetune-steps", type=int, default=defaults.finetune_steps,
+                        help=f"steps of the fine-tune task (default: {defaults.finetune_steps})")
+    parser.add_argument("--finetune-lr", type=_floats, default=defaults.finetune_lrs,
+                        help="learning rate(s) for the fine-tune task (default: 3e-3, a first classifier's)")
+    parser.add_argument("--heldout-windows", type=int, default=defaults.heldout_windows,
+                        help=f"held-out windows of the language model's evaluation (default: {defaults.heldout_windows})")
+    parser.add_argument("--seeds", type=int, default=defaults.seeds,
+                        help="run every training task on this many seeds (--seed, --seed + 1, ...; the same for every "
+                        "optimizer) and report means with 95%% intervals (default: 1, the single-seed tables)")
+    parser.add_argument("--tune", action="store_true",
+                        help="also run each optimizer over an lr grid, choose its lr on a validation split, and report "
+                        "it at that lr beside the shared-lr results")
+    parser.add_argument("--tune-grid", type=_floats, default=defaults.tune_grid,
+                        help="the grid of --tune, as multiples of each task's shared lr (default: 0.3,1,3,6)")
+    parser.add_argument("--swap", action="store_true",
+                        help="also run the one-line-swap table: every optimizer with an AdamW user's settings, unchanged")
+    parser.add_argument("--swap-optimizers", type=_names, default=None,
+                        help="optimizer keys of the swap table (default: those of --optimizers)")
+    parser.add_argument("--swap-lr-multiplier", type=float, default=defaults.swap_lr_multiplier,
+                        help=f"the lr multiplier measured for SOAP in the swap table (default: {defaults.swap_lr_multiplier:g})")
+    parser.add_argument("--preset", choices=sorted(presets.PRESETS), default=None,
+                        help="a named set of settings, flags override it: gpt-25m is a 25M-parameter GPT for 3,000 "
+                        "steps, for GPU machines (see benchmarks/README.md)")
     parser.add_argument("--evals", type=int, default=defaults.evals,
                         help=f"held-out evaluations per training run (default: {defaults.evals})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of the initial weights, the batch order and the synthetic problems (default: {defaults.seed})")
@@ -80,12 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_settings(argv: Optional[Sequence[str]]) -> tuple:
     parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    dests = {action.dest for action in parser._actions}
+    if preset:
+        parser.set_defaults(**presets.parser_defaults(preset, dests))
     args = parser.parse_args(argv)
     unknown = [task for task in args.tasks if task not in suite.TASKS]
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(suite.TASKS)}")
     for name in ("steps", "width", "depth", "context", "batch_size", "lstsq_steps", "precondition_frequency",
-                 "timing_periods", "evals"):
+                 "timing_periods", "evals", "finetune_steps", "heldout_windows", "seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.width % 4:
@@ -108,9 +135,19 @@ def parse_settings(argv: Optional[Sequence[str]]) -> tuple:
         timing_periods=args.timing_periods,
         timing_warmup=args.timing_warmup,
         evals=args.evals,
+        heldout_windows=args.heldout_windows,
+        finetune_steps=args.finetune_steps,
+        finetune_lrs=args.finetune_lr,
         seed=args.seed,
+        seeds=args.seeds,
+        tune=args.tune,
+        tune_grid=args.tune_grid,
+        swap=args.swap,
+        swap_lr_multiplier=args.swap_lr_multiplier,
+        preset=preset,
         heavyball_compile=args.heavyball_compile,
         progress=not args.no_progress,
+        **(presets.other_fields(preset, dests) if preset else {}),
     )
     return args, settings, parser
 
@@ -128,12 +165,13 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     try:
         device = machine.resolve_device(args.device)
         chosen, notes = select(specs, args.optimizers)
+        swap_specs = chosen if args.swap_optimizers is None else select(specs, args.swap_optimizers)[0]
     except ValueError as error:
         parser.error(str(error))
     threads, threads_reason = (args.threads, "--threads") if args.threads else machine.auto_threads(device)
     torch.set_num_threads(threads)
     args.out.mkdir(parents=True, exist_ok=True)  # fail now, not after minutes of work
-    for spec in chosen:
+    for spec in {spec.key: spec for spec in chosen + swap_specs}.values():
         if spec.prepare is not None:
             spec.prepare()
 
@@ -157,7 +195,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "command": " ".join(["python -m soap_optim.bench", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
         "machine": info,
         "settings": settings.as_dict(),
-        "optimizers": {spec.key: spec.record(hyper) for spec in chosen},
+        "optimizers": {spec.key: spec.record(hyper) for spec in chosen + swap_specs},
         "notes": notes,
     }
     for task in settings.tasks:
@@ -169,7 +207,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         part_started = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            results[task] = suite.PARTS[task](settings, chosen, device)
+            if settings.seeded and task in suite.SEEDED_PARTS:
+                results[task] = suite.SEEDED_PARTS[task](settings, chosen, device, swap_specs)
+            else:
+                results[task] = suite.PARTS[task](settings, chosen, device)
         results[task]["part_seconds"] = time.perf_counter() - part_started
         results[task]["warnings"] = _distinct_warnings(caught)
         print("\n".join(_part_lines(results, task)), flush=True)
@@ -183,7 +224,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         notes.append(plot_note)
         print(f"note: {plot_note}")
     else:
-        written += report.plot(results, out)
+        written += report.plot(results, out) + evidence_report.plot(results, out)
     report.write_json(results, out / "results.json")
     (out / "results.md").write_text(report.markdown(results), encoding="utf-8")
     print(f"\nwrote {', '.join(written)} to {out}/ in {results['wall_seconds']:.0f} s")
@@ -200,7 +241,7 @@ def _distinct_warnings(caught) -> List[str]:
 
 
 def _part_lines(results: Dict[str, Any], task: str) -> List[str]:
-    title, body = report.SECTIONS[task]
+    title, body = report.section_of(results, task)
     return ["", f"== {title} ({results[task]['part_seconds']:.0f} s)", *body(results), *report.warning_lines(results, task)]
 
 

@@ -174,8 +174,18 @@ SECTIONS = {
     "step": ("Step time and optimizer state", step_time_lines),
     "lm": ("Language model", lambda results: training_lines(results, "lm", "held-out loss")),
     "digits": ("Digits", lambda results: training_lines(results, "digits", "test loss", extra="accuracy")),
+    "finetune": ("Fine-tune", lambda results: training_lines(results, "finetune", "test loss", extra="accuracy")),
     "lstsq": ("Least squares with a known optimum", least_squares_lines),
 }
+
+
+def section_of(results: Dict[str, Any], task: str):
+    """(title, lines function) of a part: the seeded form's when the part ran seeded."""
+    from . import evidence_report
+
+    if "seeds" in results[task]:
+        return evidence_report.SECTIONS[task]
+    return SECTIONS[task]
 
 
 def warning_lines(results: Dict[str, Any], task: str) -> List[str]:
@@ -221,13 +231,16 @@ def markdown(results: Dict[str, Any]) -> str:
         f"{', '.join(f'{lr:g}' for lr in settings['lstsq_lrs'])}), betas {tuple(settings['betas'])}, eps {settings['eps']:g}, "
         f"weight_decay {settings['weight_decay']:g}, precondition_frequency {settings['precondition_frequency']}, "
         f"max_precond_dim {settings['max_precond_dim']}; {settings['warmup_fraction']:.0%} linear warm-up then cosine "
-        f"decay to 0; seed {settings['seed']}",
+        f"decay to 0 (fine-tune: constant lr {', '.join(f'{lr:g}' for lr in settings['finetune_lrs'])}); "
+        + (f"seeds {settings['seed']} to {settings['seed'] + settings['seeds'] - 1}" if settings["seeds"] > 1 else f"seed {settings['seed']}")
+        + ("; preset " + settings["preset"] if settings.get("preset") else ""),
     ]
     for note in results["notes"]:
         lines.append(f"- note: {note}")
     lines.append("")
-    for task, (title, body) in SECTIONS.items():
+    for task in SECTIONS:
         if task in results:
+            title, body = section_of(results, task)
             lines += [f"## {title}", ""] + body(results) + warning_lines(results, task)
     lines += ["## Optimizers", ""] + optimizer_lines(results)
     return "\n".join(lines) + "\n"
@@ -250,9 +263,9 @@ def plot(results: Dict[str, Any], out: Path) -> List[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    titles = {"lm": "held-out loss (nats/byte)", "digits": "test loss", "lstsq": "f(W) / f(W0)"}
+    titles = {"lm": "held-out loss (nats/byte)", "digits": "test loss", "finetune": "test loss", "lstsq": "f(W) / f(W0)"}
     for task, ylabel in titles.items():
-        if task not in results:
+        if task not in results or "seeds" in results[task]:  # seeded parts: evidence_report.plot
             continue
         section = results[task]
         fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -277,7 +290,7 @@ def plot(results: Dict[str, Any], out: Path) -> List[str]:
             axes.grid(alpha=0.3)
             if task == "lstsq":
                 axes.set_yscale("log")
-            elif start is not None and math.isfinite(low):
+            elif start is not None and math.isfinite(low) and start > low:
                 # Up to the initial loss: a spike above it would squeeze the part that tells optimizers apart.
                 axes.set_ylim(low - 0.03 * (start - low), start + 0.03 * (start - low))
         if section.get("target") is not None:

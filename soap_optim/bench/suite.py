@@ -3,25 +3,29 @@
 * ``step``: ``step()`` time and state bytes on an MLP and on a GPT-style transformer (:mod:`.timing`);
 * ``lm``: held-out loss of a byte-level GPT trained on the standard library's Python source;
 * ``digits``: test loss and accuracy of a small CNN on scikit-learn's bundled digits;
+* ``finetune``: a pretrained MLP classifier fine-tuned on the digits at a constant lr;
 * ``lstsq``: a least-squares problem with badly scaled row and column spaces and a known optimum.
+
+The training tasks are defined in :mod:`.problems`; here they run on one seed (``PARTS``) or, with
+``--seeds``, ``--tune`` or ``--swap``, in their seeded form (``SEEDED_PARTS``, :mod:`.evidence`).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from . import tasks
+from . import problems, tasks
+from .evidence import seeded_part
 from .optimizers import BASELINE, Hyper, OptimizerSpec
 from .progress import Progress
+from .seeded import pairs, train_seed
 from .timing import measure_steps, plan_calls
-from .training import Run, summarize, train_interleaved, warmup_cosine
+from .training import summarize
 
-TASKS = ("step", "lm", "digits", "lstsq")
-LSTSQ_TARGET = 1e-6
+TRAINING = ("lm", "digits", "finetune", "lstsq")
+TASKS = ("step", *TRAINING)
 
 
 @dataclass
@@ -52,7 +56,15 @@ class Settings:
     lstsq_cols: int = 24
     lstsq_condition: float = 1e3
     lstsq_lrs: Tuple[float, ...] = (3e-2,)
+    finetune_steps: int = 200
+    finetune_lrs: Tuple[float, ...] = (3e-3,)  # a first classifier's lr
     seed: int = 0
+    seeds: int = 1  # more than 1, or tune or swap: the training tasks run in their seeded form
+    tune: bool = False
+    tune_grid: Tuple[float, ...] = (0.3, 1.0, 3.0, 6.0)  # multiples of each task's shared lr
+    swap: bool = False
+    swap_lr_multiplier: float = 3.0
+    preset: Optional[str] = None
     heavyball_compile: bool = False
     progress: bool = True
 
@@ -65,6 +77,10 @@ class Settings:
             precondition_frequency=self.precondition_frequency,
             max_precond_dim=self.max_precond_dim,
         ).with_(**changes)
+
+    @property
+    def seeded(self) -> bool:
+        return self.seeds > 1 or self.tune or self.swap
 
     def as_dict(self) -> Dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -104,156 +120,34 @@ def step_time(settings: Settings, specs: List[OptimizerSpec], device: torch.devi
 
 
 # ------------------------------------------------------------------------------------ training
-def _make_runs(
-    specs: List[OptimizerSpec], base: torch.nn.Module, hypers: List[Hyper]
-) -> List[Run]:
-    runs = []
-    for hyper in hypers:
-        for spec in specs:
-            model = copy.deepcopy(base)
-            try:
-                optimizer = spec.make(model.parameters(), hyper)
-                runs.append(Run(spec.key, spec.label, hyper.lr, model, optimizer))
-            except Exception as error:
-                runs.append(Run(spec.key, spec.label, hyper.lr, model, None, error=f"{type(error).__name__}: {error}"))
-    return runs
+def single_seed(name: str):
+    """The one-seed form of a training task: every optimizer at each of the task's lrs, its best reported."""
 
-
-def _eval_every(steps: int, evals: int) -> int:
-    return max(1, steps // max(1, evals))
-
-
-def language_model(settings: Settings, specs: List[OptimizerSpec], device: torch.device) -> Dict[str, Any]:
-    corpus = tasks.load_stdlib_corpus(settings.train_bytes, settings.heldout_bytes)
-    starts = tasks.batch_starts(len(corpus.train), settings.steps, settings.batch_size, settings.context, settings.seed)
-    heldout = tasks.windows_at(
-        corpus.heldout, tasks.heldout_starts(len(corpus.heldout), settings.heldout_windows, settings.context), settings.context
-    ).to(device)
-    torch.manual_seed(settings.seed)
-    base = tasks.gpt(settings.width, settings.depth, settings.context).to(device)
-    runs = _make_runs(specs, base, [settings.hyper(lr) for lr in settings.lrs])
-
-    @torch.no_grad()
-    def evaluate(model):
-        model.eval()
-        loss = tasks.next_byte_loss(model, heldout).item()
-        model.train()
-        return {"loss": loss}
-
-    with Progress(settings.steps, "language model", settings.progress) as bar:
-        train_interleaved(
-            runs,
-            steps=settings.steps,
-            batch_at=lambda step: tasks.windows_at(corpus.train, starts[step], settings.context).to(device),
-            loss_of=tasks.next_byte_loss,
-            evaluate=evaluate,
-            eval_every=_eval_every(settings.steps, settings.evals),
-            schedule=warmup_cosine(settings.steps, settings.warmup_fraction),
-            device=device,
-            progress=bar,
-        )
-    return {
-        "task": "byte-level GPT on Python standard-library source; held-out next-byte loss (nats/byte)",
-        "model": {"width": settings.width, "depth": settings.depth, "context": settings.context, **tasks.describe_model(base)},
-        "data": {
-            "root": corpus.root,
-            "train_bytes": len(corpus.train),
-            "heldout_bytes": len(corpus.heldout),
-            "train_files": len(corpus.train_files),
-            "heldout_files": corpus.heldout_files,
-            "sha256": corpus.sha256,
-            "batch": [settings.batch_size, settings.context],
-            "heldout_windows": settings.heldout_windows,
-        },
-        "steps": settings.steps,
-        "eval_every": _eval_every(settings.steps, settings.evals),
-        **summarize(runs, BASELINE, steps=settings.steps),
-    }
-
-
-def digits(settings: Settings, specs: List[OptimizerSpec], device: torch.device) -> Dict[str, Any]:
-    data = tasks.load_digits_split(settings.seed)
-    order = torch.randint(
-        0, len(data.train_y), (settings.steps, settings.batch_size), generator=torch.Generator().manual_seed(settings.seed)
-    )
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    torch.manual_seed(settings.seed)
-    base = tasks.digits_cnn().to(device)
-    runs = _make_runs(specs, base, [settings.hyper(lr) for lr in settings.lrs])
-
-    @torch.no_grad()
-    def evaluate(model):
-        logits = model(test_x)
+    def part(settings: Settings, specs: List[OptimizerSpec], device: torch.device) -> Dict[str, Any]:
+        task = problems.TASKS[name](settings, device)
+        chosen = pairs(specs, [settings.hyper(lr, **task.changes) for lr in task.lrs])
+        with Progress(task.steps, task.description.split(";")[0], settings.progress) as bar:
+            runs = train_seed(task, chosen, settings.seed, device, bar)
         return {
-            "loss": F.cross_entropy(logits, test_y).item(),
-            "accuracy": (logits.argmax(dim=1) == test_y).float().mean().item(),
+            "task": task.description,
+            **task.info,
+            "steps": task.steps,
+            "eval_every": task.eval_every,
+            **summarize(runs, BASELINE, steps=task.steps, target=task.target, extra=task.extra),
         }
 
-    def batch_at(step):
-        rows = order[step].to(device)
-        return train_x[rows], train_y[rows]
-
-    with Progress(settings.steps, "digits", settings.progress) as bar:
-        train_interleaved(
-            runs,
-            steps=settings.steps,
-            batch_at=batch_at,
-            loss_of=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
-            evaluate=evaluate,
-            eval_every=_eval_every(settings.steps, settings.evals),
-            schedule=warmup_cosine(settings.steps, settings.warmup_fraction),
-            device=device,
-            progress=bar,
-        )
-    return {
-        "task": "small CNN on scikit-learn's 8x8 digits; test cross-entropy (and accuracy)",
-        "model": tasks.describe_model(base),
-        "data": {"train": len(data.train_y), "test": len(data.test_y), "batch": settings.batch_size},
-        "steps": settings.steps,
-        "eval_every": _eval_every(settings.steps, settings.evals),
-        **summarize(runs, BASELINE, steps=settings.steps, extra=["accuracy"]),
-    }
+    return part
 
 
-def least_squares(settings: Settings, specs: List[OptimizerSpec], device: torch.device) -> Dict[str, Any]:
-    base = tasks.KroneckerQuadratic(settings.lstsq_rows, settings.lstsq_cols, settings.lstsq_condition, settings.seed).to(device)
-    # No weight decay: it would move the optimum away from W*.
-    runs = _make_runs(specs, base, [settings.hyper(lr, weight_decay=0.0) for lr in settings.lstsq_lrs])
-
-    @torch.no_grad()
-    def evaluate(model):
-        distance = (model.weight - model.target).norm() / model.target.norm()
-        return {"loss": model.relative_error(), "distance": distance.item()}
-
-    steps = settings.lstsq_steps
-    with Progress(steps, "least squares", settings.progress) as bar:
-        train_interleaved(
-            runs,
-            steps=steps,
-            batch_at=lambda step: None,
-            loss_of=lambda model, batch: model(),
-            evaluate=evaluate,
-            eval_every=1,
-            schedule=warmup_cosine(steps, 0.0),
-            device=device,
-            progress=bar,
-        )
-    return {
-        "task": (
-            f"`min_W 1/2 tr((W-W*)^T H_L (W-W*) H_R)`, W {settings.lstsq_rows}x{settings.lstsq_cols}, "
-            f"cond(H_L) = cond(H_R) = {settings.lstsq_condition:g} in random bases; metric f(W)/f(W0)"
-        ),
-        "steps": steps,
-        "eval_every": 1,
-        **summarize(runs, BASELINE, steps=steps, target=LSTSQ_TARGET, extra=["distance"]),
-    }
+def seeded(name: str):
+    return lambda settings, specs, device, swap_specs: seeded_part(name, settings, specs, device, swap_specs)
 
 
-PARTS = {"step": step_time, "lm": language_model, "digits": digits, "lstsq": least_squares}
+PARTS = {"step": step_time, **{name: single_seed(name) for name in TRAINING}}
+SEEDED_PARTS = {name: seeded(name) for name in TRAINING}
 
 
 def skip_reason(task: str) -> Optional[str]:
-    if task == "digits":
+    if task in ("digits", "finetune"):
         return tasks.sklearn_missing()
     return None

@@ -33,20 +33,30 @@ class Corpus:
     heldout_files: List[str]
     sha256: str  # of train bytes + held-out bytes, to tell whether two machines saw the same text
     root: str
+    validation: Optional[torch.Tensor] = None  # held-out files after the reported ones, for choosing lr
+    validation_files: Optional[List[str]] = None
 
 
-def load_stdlib_corpus(train_bytes: int, heldout_bytes: int) -> Corpus:
+def load_stdlib_corpus(train_bytes: int, heldout_bytes: int, validation_bytes: int = 0) -> Corpus:
     """Bytes of the standard library's top-level ``*.py`` files, in sorted order, split by file.
 
     File ``i`` of the sorted list is held out when ``i % 8 == 7``; the rest are for training. Each
     split is the concatenation of its files, cut to the requested number of bytes, so no file
     contributes to both. The text depends only on the Python version (its standard library).
+    ``validation_bytes`` > 0 adds a third split, from the held-out files that come after the
+    reported ones: text neither trained on nor reported, on which learning rates are chosen.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(root.glob("*.py"))
-    splits: Dict[str, Tuple[List[bytes], List[str], int]] = {"train": ([], [], train_bytes), "heldout": ([], [], heldout_bytes)}
+    splits: Dict[str, Tuple[List[bytes], List[str], int]] = {
+        "train": ([], [], train_bytes), "heldout": ([], [], heldout_bytes), "validation": ([], [], validation_bytes),
+    }
     for index, path in enumerate(files):
-        chunks, names, wanted = splits["heldout" if index % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "train"]
+        held_out = index % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        if held_out and sum(map(len, splits["heldout"][0])) >= heldout_bytes:
+            chunks, names, wanted = splits["validation"]
+        else:
+            chunks, names, wanted = splits["heldout" if held_out else "train"]
         if sum(map(len, chunks)) < wanted:
             chunks.append(path.read_bytes())
             names.append(path.name)
@@ -68,6 +78,8 @@ def load_stdlib_corpus(train_bytes: int, heldout_bytes: int) -> Corpus:
         heldout_files=splits["heldout"][1],
         sha256=digest,
         root=str(root),
+        validation=_as_tokens(tensors["validation"]) if validation_bytes else None,
+        validation_files=splits["validation"][1] if validation_bytes else None,
     )
 
 
@@ -136,6 +148,8 @@ class Digits:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    val_x: Optional[torch.Tensor] = None  # set aside from the training images when asked for
+    val_y: Optional[torch.Tensor] = None
 
 
 def sklearn_missing() -> Optional[str]:
@@ -147,8 +161,12 @@ def sklearn_missing() -> Optional[str]:
     return None
 
 
-def load_digits_split(seed: int, test_fraction: float = 0.2) -> Digits:
-    """scikit-learn's bundled 8x8 digits (1,797 images, no download), split once by a seeded permutation."""
+def load_digits_split(seed: int, test_fraction: float = 0.2, validation_fraction: float = 0.0) -> Digits:
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download), split once by a seeded permutation.
+
+    The test split is the same whatever ``validation_fraction``; a validation split, when asked for, is
+    taken from the training images (which then shrink by as many).
+    """
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -156,8 +174,11 @@ def load_digits_split(seed: int, test_fraction: float = 0.2) -> Digits:
     labels = torch.tensor(data.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     test_size = int(round(test_fraction * len(labels)))
-    test, train = order[:test_size], order[test_size:]
-    return Digits(images[train], labels[train], images[test], labels[test])
+    val_size = int(round(validation_fraction * len(labels)))
+    test, val, train = order[:test_size], order[test_size:test_size + val_size], order[test_size + val_size:]
+    if not val_size:
+        return Digits(images[train], labels[train], images[test], labels[test])
+    return Digits(images[train], labels[train], images[test], labels[test], images[val], labels[val])
 
 
 def digits_cnn() -> nn.Module:
@@ -171,6 +192,11 @@ def digits_cnn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 10),
     )
+
+
+def digits_mlp(hidden: int = 128, classes: int = 10) -> nn.Module:
+    """The classifier of a first tutorial: flatten, Linear(64, hidden), ReLU, Linear(hidden, classes)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
 # ------------------------------------------------------------------------------ least squares

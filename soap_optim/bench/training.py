@@ -30,6 +30,7 @@ class Run:
     pending_train: List[float] = field(default_factory=list)
     error: Optional[str] = None
     diverged_at: Optional[int] = None
+    seed: int = 0  # of the initial weights and the batch order this run saw
 
     @property
     def active(self) -> bool:
