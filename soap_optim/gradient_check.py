@@ -28,14 +28,15 @@ def describe(group_index: int, param_index: int, shape) -> str:
     return f"parameter {param_index} of param group {group_index} (shape {tuple(shape)})"
 
 
-def check_structure(optimizer_name: str, where: str, param: torch.Tensor, grad: torch.Tensor) -> None:
-    """ValueError for a sparse, complex or wrongly shaped gradient of ``param``."""
+def check_structure(optimizer_name: str, where, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """ValueError for a sparse, complex or wrongly shaped gradient of ``param`` (``where()`` describes
+    the parameter; it is called only on error)."""
     if grad.is_sparse:
-        raise ValueError(f"{optimizer_name} does not support sparse gradients ({where})")
+        raise ValueError(f"{optimizer_name} does not support sparse gradients ({where()})")
     if grad.is_complex():
-        raise ValueError(f"{optimizer_name} does not support complex gradients ({where})")
+        raise ValueError(f"{optimizer_name} does not support complex gradients ({where()})")
     if grad.shape != param.shape:
-        raise ValueError(f"gradient of shape {tuple(grad.shape)} does not match {where}")
+        raise ValueError(f"gradient of shape {tuple(grad.shape)} does not match {where()}")
 
 
 def effective_gradient(
@@ -56,8 +57,7 @@ def squared_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     where its norm overflowed its own dtype: :func:`confirm_nonfinite` tells which)."""
     if not grads:
         return torch.zeros(0, dtype=torch.float64)
-    norms = torch._foreach_norm(list(grads))
-    return torch.stack([n.to(torch.float64) for n in norms]).square()
+    return torch.stack(torch._foreach_norm(list(grads))).to(torch.float64).square()
 
 
 def exact_norm(grad: torch.Tensor) -> float:

@@ -142,6 +142,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         self._distribution: Distribution = make_distribution(process_group)
         self._warned_skip = False
         self._layouts: Dict[torch.Tensor, Tuple[str, ...]] = {}  # per parameter with state: _layout_key
+        self._limits: Dict[Tuple, float] = {}  # _max_grad_norm by (shape, state dtype, layout options)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -154,6 +155,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         self.__dict__.setdefault("_distribution", make_distribution(None))
         self.__dict__.setdefault("_warned_skip", False)
         self.__dict__.setdefault("_layouts", {})
+        self.__dict__.setdefault("_limits", {})
 
     def _own_defaults(self) -> Dict[str, Any]:
         """This optimizer's defaults, without the keys torch.optim adds for itself (``differentiable``)."""
@@ -245,11 +247,11 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             for param_index, param in enumerate(group["params"]):
                 if param.grad is not None:
                     gradient_check.check_structure(
-                        name, describe(group_index, param_index, param.shape), param, param.grad
+                        name, lambda g=group_index, i=param_index, p=param: describe(g, i, p.shape), param, param.grad
                     )
         work = self._distribution.gather(self, self.param_groups, hypers)
         grads_per_group: List[List[torch.Tensor]] = []
-        grads, indices, limits = [], [], []
+        grads, indices = [], []
         for group_index, (hyper, items) in enumerate(zip(hypers, work)):
             effective = []
             options = self._layout_options(hyper)
@@ -267,9 +269,8 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 if grad.numel():
                     grads.append(grad)
                     indices.append(item.global_index)
-                    limits.append(self._max_grad_norm(item.param.shape, hyper, grad.dtype))
             grads_per_group.append(effective)
-        screen = self._gradients_are_fine(grads, indices, limits, hypers)
+        screen = self._gradients_are_fine(grads, indices, hypers)
         if screen is None:
             return None
         return screen, [
@@ -286,11 +287,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 if problem is not None:
                     raise ValueError(f"{type(self).__name__}: fused=True cannot run here: {problem}; use fused=None or False")
 
-    def _gradients_are_fine(self, grads, indices, limits, hypers) -> Optional[Screen]:
+    def _gradients_are_fine(self, grads, indices, hypers) -> Optional[Screen]:
         """The screen over every gradient this rank holds, summed over ranks: its findings, None to skip
         the step, or FloatingPointError to refuse it; either way nothing is modified."""
         count = self._distribution.num_params(self.param_groups)
-        distributed = self._distribution.world_size > 1
         squares = torch.zeros(count, dtype=torch.float64)
         if grads:
             entries = list(squares.unbind())
@@ -318,15 +318,22 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         largest_square = max((v for v in values if math.isfinite(v)), default=0.0)
         screen = Screen(math.sqrt(largest_square), largest_square > _GRAM_SAFE_SQUARED_NORM)
         self._gradients_may_overflow = screen.grams_may_overflow  # for inspection
-        # per-parameter limits of the math (e.g. SOAP's rotation): known where the parameter is stepped;
-        # every rank learns the verdict through the sum
-        too_large = [0.0] * count
-        for k, index in enumerate(indices):
-            if limits[k] < math.inf and not bad.get(index, False) and math.sqrt(values[index]) > limits[k]:
-                too_large[index] = 1.0
-        if distributed:
-            too_large = self._distribution.all_reduce_sum(torch.tensor(too_large, dtype=torch.float64)).tolist()
-        problems = [i for i in range(count) if bad.get(i, False) or too_large[i] > 0]
+        # per-parameter limits of the math (e.g. SOAP's rotation) depend on shapes and options alone, so
+        # every rank judges every parameter from the summed norms, with no second collective
+        too_large = [False] * count
+        for group_index, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
+            base = self._distribution.first_index(self.param_groups, group_index)
+            layout = self._layout_options(hyper)  # the limits depend on the plan, hence on these
+            for param_index, param in enumerate(group["params"]):
+                index = base + param_index
+                if param.grad is None or bad.get(index, False) or values[index] == 0.0:
+                    continue
+                key = (tuple(param.shape), state_dtype(param, hyper), layout)
+                limit = self._limits.get(key)
+                if limit is None:
+                    limit = self._limits[key] = self._max_grad_norm(param.shape, hyper, key[1])
+                too_large[index] = limit < math.inf and math.sqrt(values[index]) > limit
+        problems = [i for i in range(count) if bad.get(i, False) or too_large[i]]
         if not problems:
             return screen
         first = problems[0]
@@ -465,6 +472,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         state.update({k: v for k, v in saved_state.items() if k not in known})  # torch keeps such entries
         self.__setstate__({"state": state, "param_groups": new_groups})
         self._layouts = {param: self._layout_key(hyper, param) for param, (_, hyper) in restored.items()}
+        self._distribution.mark_others(self)
         self._distribution.invalidate()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

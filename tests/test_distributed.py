@@ -241,8 +241,28 @@ def _unsupported(rank, out_dir):
     return messages
 
 
+def _owns_nothing(rank, out_dir):
+    """Sharded DDP where one rank owns no parameter at all: DCP's get/set_optimizer_state_dict (which step
+    an optimizer whose state is empty) still complete on every rank, and the resumed run continues."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(6, 3, bias=False))
+    opt = soap_optim.SOAP(model.parameters(), lr=1e-2, process_group=torch.distributed.group.WORLD)
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x[rank * 4 : rank * 4 + 4]).square().mean().backward()
+        opt.step()
+    saved = get_optimizer_state_dict(model, opt)
+    set_optimizer_state_dict(model, opt, saved)
+    owned = sum(1 for state in opt.state.values() if state)
+    return {"owned": owned, "finished": True}
+
+
 SCENARIOS = {f"parity-{o}-{m}-{d}": functools.partial(_parity, o, m, d) for o, m, d in PARITY}
 SCENARIOS["unsupported"] = _unsupported
+SCENARIOS["owns-nothing"] = _owns_nothing
 for _mode in MODES:
     SCENARIOS[f"nonfinite-{_mode}"] = functools.partial(_nonfinite, _mode)
     SCENARIOS[f"dcp-{_mode}"] = functools.partial(_dcp_resume, _mode)
@@ -311,3 +331,9 @@ def test_unsupported_layouts_are_refused_with_a_clear_error(job):
         assert "sharded on dim 0 (Shard(0))" in messages["tensor-parallel"]
         assert "cannot be mixed with plain tensors" in messages["mixed"]
         assert "process_group= is for DDP" in messages["process-group"]
+
+
+def test_a_rank_that_owns_nothing_still_checkpoints(job):
+    records = _records(job, "owns-nothing")
+    assert sorted(r["owned"] for r in records) == [0, 1]  # one weight: one owner, and the other rank idle
+    assert all(r["finished"] for r in records)

@@ -49,28 +49,36 @@ LOCAL = -1  # role of a parameter stepped where it is (single process, or a shar
 @dataclass
 class CommStats:
     """What this rank's optimizer steps have communicated since the last ``reset``: one count per
-    collective call, the bytes it sent plus received, and the wall time spent inside the calls (on
-    CUDA, synchronized before and after each, so the time is the collective's)."""
+    collective call; the bytes it sent to and received from *other* ranks (a rank's own segment of an
+    all-to-all stays local; an all-gather sends the rank's padded share to each other rank and receives
+    theirs; an all-reduce counts a ring's 2 (W-1)/W of the buffer each way); and the wall time inside
+    the calls (on CUDA, synchronized before and after each, so the time is the collective's)."""
 
     collectives: int = 0
-    bytes: int = 0
+    sent: int = 0
+    received: int = 0
     seconds: float = 0.0
 
-    def reset(self) -> None:
-        self.collectives, self.bytes, self.seconds = 0, 0, 0.0
+    @property
+    def bytes(self) -> int:
+        return self.sent + self.received
 
-    def run(self, collective, *tensors_in_out: torch.Tensor, **kwargs) -> None:
-        """``collective(*tensors_in_out, **kwargs)``, counted (bytes: every tensor given)."""
-        on_cuda = any(t.is_cuda for t in tensors_in_out)
+    def reset(self) -> None:
+        self.collectives, self.sent, self.received, self.seconds = 0, 0, 0, 0.0
+
+    def run(self, collective, *tensors: torch.Tensor, sent: int, received: int, **kwargs) -> None:
+        """``collective(*tensors, **kwargs)``, counted with the given off-rank byte counts."""
+        on_cuda = any(t.is_cuda for t in tensors)
         if on_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        collective(*tensors_in_out, **kwargs)
+        collective(*tensors, **kwargs)
         if on_cuda:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - start
         self.collectives += 1
-        self.bytes += sum(t.numel() * t.element_size() for t in tensors_in_out)
+        self.sent += sent
+        self.received += received
 
 
 class WorkItem(NamedTuple):
@@ -176,6 +184,10 @@ class Distribution:
     def num_params(self, groups) -> int:
         return sum(len(group["params"]) for group in groups)
 
+    def first_index(self, groups, group_index: int) -> int:
+        """The global index of the first parameter of group ``group_index``."""
+        return sum(len(group["params"]) for group in groups[:group_index])
+
     def locate(self, groups, global_index: int) -> Tuple[int, int, torch.Tensor]:
         for group_index, group in enumerate(groups):
             if global_index < len(group["params"]):
@@ -222,6 +234,16 @@ class Distribution:
     # ------------------------------------------------------------------ a step
     def gather(self, optimizer, groups, hypers) -> List[List[WorkItem]]:
         """Per group, the parameters this rank steps now, with the tensors to step."""
+        if self.mode == "single":  # every parameter, as it is
+            work_single, index = [], 0
+            for gi, group in enumerate(groups):
+                items = []
+                for pi, param in enumerate(group["params"]):
+                    if param.grad is not None:
+                        items.append(WorkItem(param, param, param.grad, gi, pi, index + pi))
+                work_single.append(items)
+                index += len(group["params"])
+            return work_single
         roles = self.plan(optimizer, groups, hypers)
         work: List[List[WorkItem]] = [[] for _ in groups]
         self._pending = []
@@ -290,9 +312,12 @@ class Distribution:
             device = self._entries[indices[0]][2].to_local().device
             send = torch.cat([torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device) for pieces in sends])
             received = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
+            send_sizes = [sum(p.numel() for p in pieces) for pieces in sends]
             self.stats.run(
                 torch.distributed.all_to_all_single, received, send, output_split_sizes=receive_sizes,
-                input_split_sizes=[sum(p.numel() for p in pieces) for pieces in sends], group=self.group,
+                input_split_sizes=send_sizes, group=self.group,
+                sent=(sum(send_sizes) - send_sizes[me]) * send.element_size(),
+                received=(sum(receive_sizes) - receive_sizes[me]) * send.element_size(),
             )
             per_source = list(received.split(receive_sizes))
             offsets = [0] * world
@@ -318,6 +343,17 @@ class Distribution:
             self._return_rows()
         elif self.mode == "replicated":
             self._all_gather_owned(optimizer)
+        self.mark_others(optimizer)
+
+    def mark_others(self, optimizer) -> None:
+        """An empty state entry for each parameter another rank owns, so that ``optimizer.state`` is never
+        empty on a rank that owns nothing: DCP's ``get/set_optimizer_state_dict`` step an optimizer whose
+        state is empty (to build it), which on that rank alone would wait forever in a collective."""
+        if self.mode == "single" or self._roles is None:
+            return
+        for index, role in enumerate(self._roles):
+            if role not in (LOCAL, self.rank):
+                optimizer.state[self._entries[index][2]]  # defaultdict: creates {}
 
     def _return_rows(self) -> None:
         """The second all_to_all_single: each owner sends every rank its rows of the new values."""
@@ -346,9 +382,12 @@ class Distribution:
             device = self._entries[indices[0]][2].to_local().device
             send = torch.cat([torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device) for pieces in sends])
             received = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
+            send_sizes = [sum(p.numel() for p in pieces) for pieces in sends]
             self.stats.run(
                 torch.distributed.all_to_all_single, received, send, output_split_sizes=receive_sizes,
-                input_split_sizes=[sum(p.numel() for p in pieces) for pieces in sends], group=self.group,
+                input_split_sizes=send_sizes, group=self.group,
+                sent=(sum(send_sizes) - send_sizes[me]) * send.element_size(),
+                received=(sum(receive_sizes) - receive_sizes[me]) * send.element_size(),
             )
             per_source = list(received.split(receive_sizes))
             offsets = [0] * world
@@ -378,7 +417,8 @@ class Distribution:
                 torch.cat([p.detach().reshape(-1) for p in shares[me]], out=send[: sizes[me]])
             gathered = torch.empty(world * width, dtype=dtype, device=device)
             all_gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
-            self.stats.run(all_gather, gathered, send, group=self.group)
+            off_rank = (world - 1) * width * send.element_size()
+            self.stats.run(all_gather, gathered, send, group=self.group, sent=off_rank, received=off_rank)
             for rank, share in enumerate(shares):
                 if rank == me or not share:
                     continue
@@ -392,7 +432,8 @@ class Distribution:
             return tensor
         device = self._collective_device()
         reduced = tensor.to(device)
-        self.stats.run(torch.distributed.all_reduce, reduced, group=self.group)
+        ring = 2 * (self.world_size - 1) * reduced.numel() * reduced.element_size() // self.world_size
+        self.stats.run(torch.distributed.all_reduce, reduced, group=self.group, sent=ring, received=ring)
         return reduced.cpu()
 
     def _collective_device(self) -> torch.device:
