@@ -23,7 +23,7 @@ four above it):
 Only ``opt.step()`` is timed (forward and backward, DDP's gradient all-reduce and FSDP2's gathers are
 not), after a barrier so that ranks enter the step together. For soap_optim's modes the time inside the
 step's collectives comes from the optimizer's own counters (``opt._distribution.stats``: calls, bytes
-sent plus received including the rank's own segment, seconds) and compute is the step's time minus it.
+sent to plus received from other ranks, seconds) and compute is the step's time minus it.
 For ZeRO the broadcasts are timed by wrapping its ``_sync_params`` (the step's last phase: start every
 broadcast, wait for all), and its bytes are each broadcast tensor once per rank (what a rank sends as
 the source or receives otherwise). Rank 0 gathers every rank's numbers, prints one table and writes
@@ -249,11 +249,11 @@ def run_mode(mode: str, args, env: Dict[str, Any], mesh) -> Dict[str, Any]:
         count_call = stats.run
 
         def run_and_record(collective, *tensors, **kwargs):
-            before = stats.seconds
+            before_seconds, before_bytes = stats.seconds, stats.bytes
             count_call(collective, *tensors, **kwargs)
             calls.append({"collective": getattr(collective, "__name__", str(collective)),
-                          "bytes": sum(t.numel() * t.element_size() for t in tensors),
-                          "seconds": stats.seconds - before})
+                          "bytes": stats.bytes - before_bytes,  # sent to + received from other ranks
+                          "seconds": stats.seconds - before_seconds})
 
         stats.run = run_and_record
     zero_timer = ZeroSyncTimer(opt) if mode == "zero" else None
