@@ -310,16 +310,7 @@ class Distribution:
                         start, end = self._rows(param, source)
                         receive_sizes[source] += 2 * (end - start) * row
             device = self._entries[indices[0]][2].to_local().device
-            send = torch.cat([torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device) for pieces in sends])
-            received = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
-            send_sizes = [sum(p.numel() for p in pieces) for pieces in sends]
-            self.stats.run(
-                torch.distributed.all_to_all_single, received, send, output_split_sizes=receive_sizes,
-                input_split_sizes=send_sizes, group=self.group,
-                sent=(sum(send_sizes) - send_sizes[me]) * send.element_size(),
-                received=(sum(receive_sizes) - receive_sizes[me]) * send.element_size(),
-            )
-            per_source = list(received.split(receive_sizes))
+            per_source = self._all_to_all(sends, receive_sizes, dtype, device)
             offsets = [0] * world
             for index in indices:
                 if self._roles[index] != me:
@@ -336,6 +327,20 @@ class Distribution:
                 shape = param.shape
                 assembled[index] = (torch.cat(values).view(shape).clone(), torch.cat(grads).view(shape))
         return assembled
+
+    def _all_to_all(self, sends: List[List[torch.Tensor]], receive_sizes: List[int], dtype, device) -> List[torch.Tensor]:
+        """One ``all_to_all_single``: ``sends[r]`` (flat pieces) to rank r; returns what each rank sent here."""
+        me = self.rank
+        send = torch.cat([torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device) for pieces in sends])
+        received = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
+        send_sizes = [sum(p.numel() for p in pieces) for pieces in sends]
+        self.stats.run(
+            torch.distributed.all_to_all_single, received, send, output_split_sizes=receive_sizes,
+            input_split_sizes=send_sizes, group=self.group,
+            sent=(sum(send_sizes) - send_sizes[me]) * send.element_size(),
+            received=(sum(receive_sizes) - receive_sizes[me]) * send.element_size(),
+        )
+        return list(received.split(receive_sizes))
 
     def scatter(self, optimizer) -> None:
         """After the math: bring every rank the new values of what other ranks stepped."""
@@ -380,16 +385,7 @@ class Distribution:
                 start, end = self._rows(param, me)
                 receive_sizes[owner] += (end - start) * row
             device = self._entries[indices[0]][2].to_local().device
-            send = torch.cat([torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device) for pieces in sends])
-            received = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
-            send_sizes = [sum(p.numel() for p in pieces) for pieces in sends]
-            self.stats.run(
-                torch.distributed.all_to_all_single, received, send, output_split_sizes=receive_sizes,
-                input_split_sizes=send_sizes, group=self.group,
-                sent=(sum(send_sizes) - send_sizes[me]) * send.element_size(),
-                received=(sum(receive_sizes) - receive_sizes[me]) * send.element_size(),
-            )
-            per_source = list(received.split(receive_sizes))
+            per_source = self._all_to_all(sends, receive_sizes, dtype, device)
             offsets = [0] * world
             for index in indices:
                 param, owner = self._entries[index][2], self._roles[index]
