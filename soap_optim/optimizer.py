@@ -103,17 +103,6 @@ def _shape_mismatch(value: Any, expected: Any) -> Optional[str]:
     return None
 
 
-def _floating_dtypes(value: Any) -> set:
-    """dtypes of the floating tensors in a (nested) state value."""
-    if isinstance(value, torch.Tensor):
-        return {value.dtype} if value.is_floating_point() else set()
-    if isinstance(value, dict):
-        return set().union(*(_floating_dtypes(v) for v in value.values())) if value else set()
-    if isinstance(value, (list, tuple)):
-        return set().union(*(_floating_dtypes(v) for v in value)) if value else set()
-    return set()
-
-
 def _step_count(value: Any) -> torch.Tensor:
     """A loaded ``step``: a 0-d float32 tensor whatever it was saved as (tensor, int or float)."""
     if isinstance(value, torch.Tensor):

@@ -227,10 +227,6 @@ class Distribution:
         self._roles, self._entries = roles, entries
         return roles
 
-    def owns(self, global_index: int) -> bool:
-        role = self._roles[global_index]
-        return role == LOCAL or role == self.rank
-
     # ------------------------------------------------------------------ a step
     def gather(self, optimizer, groups, hypers) -> List[List[WorkItem]]:
         """Per group, the parameters this rank steps now, with the tensors to step."""
