@@ -197,3 +197,19 @@ def test_all_finite_reads_the_sum_first_and_settles_overflow_entry_by_entry():
     x = torch.full((2, 2), 3e38)
     x[0, 0] = -math.inf  # +inf + -inf in the sum: NaN, still caught
     assert not all_finite(x)
+
+
+@pytest.mark.parametrize("size", [5, 7, 36])
+def test_refresh_of_a_stack_equals_each_matrix_refreshed_alone(size):
+    """Bitwise: a basis must not depend on which other factors share its stack (owners batch subsets of
+    the same-shaped factors; a stack of one is what an owner of one of them runs). Batched LAPACK broke this on AVX-512 CPUs for sizes whose d*d*4 bytes are
+    not a multiple of 64; on other CPUs it passed either way."""
+    gen = torch.Generator().manual_seed(size)
+    grams = torch.randn(3, size, size, generator=gen)
+    factors = grams @ grams.mT
+    bases = torch.linalg.qr(torch.randn(3, size, size, generator=gen))[0]
+    stacked, order = refreshed_basis(factors, bases)
+    for i in range(3):
+        alone, alone_order = refreshed_basis(factors[i : i + 1].clone(), bases[i : i + 1].clone())
+        assert torch.equal(stacked[i], alone[0])
+        assert torch.equal(order[i], alone_order[0])
