@@ -65,8 +65,11 @@ class Adafactor(SoapOptimizerBase):
             instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
             counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
         process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
-            steps, a cost-balanced share of the parameters, and one all-gather per step brings every
-            replica the new values. FSDP2 (DTensor) parameters need no keyword.
+            steps, a cost-balanced share of the parameters, and one all-to-all per step brings every
+            replica the new values. FSDP2 / HSDP / tensor-parallel (DTensor) parameters need no keyword.
+        shard_over_replicas: on a mesh with replicate axes (HSDP), spread the owners of preconditioned
+            parameters over the replicas too (state and preconditioner work per rank fall by the number of
+            replicas; the new values travel to every replica). Default: each replica group steps its own.
 
     State per parameter: ``step``; ``exp_avg_sq_row`` (m) and ``exp_avg_sq_col`` (n) for factored
     tensors, ``exp_avg_sq`` (parameter-shaped) otherwise; ``exp_avg`` when ``beta1`` is set.
@@ -88,6 +91,7 @@ class Adafactor(SoapOptimizerBase):
         state_dtype: Optional[torch.dtype] = None,
         skip_nonfinite_grads: bool = False,
         process_group=None,
+        shard_over_replicas: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize,
@@ -95,7 +99,7 @@ class Adafactor(SoapOptimizerBase):
             state_dtype=state_dtype,
             skip_nonfinite_grads=skip_nonfinite_grads,
         )
-        super().__init__(params, defaults, process_group=process_group)
+        super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         check_lr(group["lr"])

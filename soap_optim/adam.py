@@ -244,8 +244,11 @@ class Adam(SoapOptimizerBase):
             instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
             counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
         process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
-            steps, a cost-balanced share of the parameters, and one all-gather per step brings every
-            replica the new values. FSDP2 (DTensor) parameters need no keyword.
+            steps, a cost-balanced share of the parameters, and one all-to-all per step brings every
+            replica the new values. FSDP2 / HSDP / tensor-parallel (DTensor) parameters need no keyword.
+        shard_over_replicas: on a mesh with replicate axes (HSDP), spread the owners of preconditioned
+            parameters over the replicas too (state and preconditioner work per rank fall by the number of
+            replicas; the new values travel to every replica). Default: each replica group steps its own.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad),
     as in torch.optim.Adam. Floating state is float32 (float64 for float64 parameters), so bf16/fp16
@@ -270,6 +273,7 @@ class Adam(SoapOptimizerBase):
         state_dtype: Optional[torch.dtype] = None,
         skip_nonfinite_grads: bool = False,
         process_group=None,
+        shard_over_replicas: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -284,7 +288,7 @@ class Adam(SoapOptimizerBase):
             state_dtype=state_dtype,
             skip_nonfinite_grads=skip_nonfinite_grads,
         )
-        super().__init__(params, defaults, process_group=process_group)
+        super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -375,9 +379,11 @@ class AdamW(Adam):
         state_dtype: Optional[torch.dtype] = None,
         skip_nonfinite_grads: bool = False,
         process_group=None,
+        shard_over_replicas: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused,
             orthograd=orthograd, state_dtype=state_dtype, skip_nonfinite_grads=skip_nonfinite_grads,
             process_group=process_group,
+            shard_over_replicas=shard_over_replicas,
         )

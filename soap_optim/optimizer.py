@@ -35,6 +35,7 @@ import torch
 from . import gradient_check
 from .dispatch import fused_problem
 from .distributed import Distribution, make_distribution
+from .distributed import checkpoint as distributed_checkpoint
 from .gradient_check import describe
 from .validation import as_number, check_bool, check_choice
 
@@ -125,10 +126,11 @@ class SoapOptimizerBase(torch.optim.Optimizer):
     # the last step's Screen.grams_may_overflow, for inspection (the math gets the Screen itself)
     _gradients_may_overflow = True
 
-    def __init__(self, params, defaults: Dict[str, Any], *, process_group=None) -> None:
+    def __init__(self, params, defaults: Dict[str, Any], *, process_group=None, shard_over_replicas: bool = False) -> None:
         defaults = {**defaults}
         defaults.setdefault("skip_nonfinite_grads", False)
-        self._distribution: Distribution = make_distribution(process_group)
+        check_bool("shard_over_replicas", shard_over_replicas)
+        self._distribution: Distribution = make_distribution(process_group, shard_over_replicas)
         self._warned_skip = False
         self._layouts: Dict[torch.Tensor, Tuple[str, ...]] = {}  # per parameter with state: _layout_key
         self._limits: Dict[Tuple, float] = {}  # _max_grad_norm by (shape, state dtype, layout options)
@@ -169,7 +171,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     )
             hyper = self._check_group(group)
             self._check_can_step(hyper, group["params"])
-            self._distribution.check_params(group["params"])
+            self._distribution.record_group(self, group["params"])
         except ValueError:
             self.param_groups.pop()
             raise
@@ -193,6 +195,16 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         """Whether a parameter's update is elementwise (each entry depends only on the same entry of its
         gradient and state, and its state is parameter-shaped), so that it can be stepped shard by shard."""
         return False
+
+    def _needs_shapes(self) -> bool:
+        """Whether the math depends on each parameter's shape (preconditioners, factored moments), so that
+        flattened parameters (FSDP1, DeepSpeed ZeRO) would silently change the optimizer."""
+        return not self._is_elementwise(torch.Size((2, 2)), {**self._own_defaults(), "params": []})
+
+    def _role_key(self, hyper: Dict[str, Any]) -> Tuple:
+        """The options that decide which parameters are stepped piece by piece and what each costs."""
+        keys = self._layout_keys + ("orthograd", "normalize_grads", "precondition_frequency")
+        return tuple(repr(hyper.get(key)) for key in keys)
 
     def _cost(self, shape: torch.Size, hyper: Dict[str, Any]) -> float:
         """Relative cost of one parameter's step (flops, amortized over refreshes), for ownership."""
@@ -255,7 +267,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     orthograd=hyper["orthograd"], maximize=hyper["maximize"],
                 )
                 effective.append(grad)
-                if grad.numel():
+                if grad.numel() and item.counted:
                     grads.append(grad)
                     indices.append(item.global_index)
             grads_per_group.append(effective)
@@ -367,6 +379,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             if slots:
                 self._step_group(hyper, slots, screen)
         self._distribution.scatter(self)
+        self._distribution.consolidated = None
         for hyper, group in zip((h for h, _ in work), self.param_groups):
             for param in group["params"]:
                 if param not in self._layouts and self.state.get(param):
@@ -382,9 +395,27 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
-        """torch.optim's state dict; distributed, each rank's share in a form DCP saves and reshards
-        (see :mod:`soap_optim.distributed`)."""
-        return self._distribution.export_state_dict(self, super().state_dict())
+        """torch.optim's state dict. On several ranks (see :mod:`soap_optim.distributed.checkpoint`): the
+        complete state as DTensors when ``torch.distributed.checkpoint``'s state-dict API asks (every rank
+        calls it); under FSDP2 otherwise this rank's marked share; under DDP with ``process_group=`` the
+        result of this rank's last ``consolidate_state_dict``, and a RuntimeError without one."""
+        state_dict = super().state_dict()
+        distribution = self._distribution
+        distribution.plan(self, self.param_groups, [self._check_group(g) for g in self.param_groups])
+        if distribution.mode == "single":
+            return state_dict
+        if distributed_checkpoint.called_by_torch_checkpoint():
+            return distributed_checkpoint.complete_state(distribution, self, state_dict)
+        if distribution.mode == "replicated":
+            if distribution.consolidated is not None:
+                return distribution.consolidated
+            raise RuntimeError(
+                f"{type(self).__name__} with process_group= keeps each parameter's state on one rank, so this "
+                f"rank's state_dict() alone would miss the others'. Call consolidate_state_dict(to=0) on every "
+                f"rank first, then state_dict() on rank 0 (as with ZeroRedundancyOptimizer), or save through "
+                f"torch.distributed.checkpoint (get_state_dict), which every rank calls"
+            )
+        return distributed_checkpoint.share(distribution, self, state_dict)
 
     def _state_device(self, param: torch.Tensor) -> torch.device:
         return param.to_local().device if hasattr(param, "to_local") else param.device
@@ -396,7 +427,14 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         into a single-process optimizer, or into a sharded one at any world size. On one process it is
         ``state_dict()``.
         """
-        return self._distribution.consolidate(self, super().state_dict(), to)
+        distribution = self._distribution
+        distribution.plan(self, self.param_groups, [self._check_group(g) for g in self.param_groups])
+        state_dict = super().state_dict()
+        if distribution.mode == "single":
+            return state_dict
+        result = distributed_checkpoint.consolidate(distribution, state_dict, to)
+        distribution.consolidated = result
+        return result
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state dict, as torch.optim does, after checking it; nothing changes if a check fails.
@@ -434,22 +472,29 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             except ValueError as error:
                 raise ValueError(f"param group {group_index} of the loaded state dict: {error}") from None
             new_groups.append(new_group)
-        self._distribution.plan(self, new_groups, hypers, loading=True)
-        restored = {}
+        distribution = self._distribution
+        distribution.plan(self, new_groups, hypers, loading=True)
+        distributed_checkpoint.check_share(distribution, state_dict, type(self).__name__)
+        checked = []
         for group_index, (saved, group, hyper) in enumerate(zip(saved_groups, self.param_groups, hypers)):
+            base = distribution.first_index(self.param_groups, group_index)
             for param_index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
-                if saved_id not in saved_state:
-                    continue
-                value = self._distribution.import_state(self, param, saved_state[saved_id])
-                if value is None:  # another rank's
+                value = saved_state.get(saved_id)
+                if not value:  # no state, or another rank's in a share
                     continue
                 where = describe(group_index, param_index, param.shape)
+                shapes = distributed_checkpoint.global_view(value)
                 for key, expected in self._expected_state_shapes(param, hyper).items():
-                    problem = _shape_mismatch(value.get(key), self._distribution.local_shapes(param, expected))
+                    problem = _shape_mismatch(shapes.get(key), expected)
                     if problem is not None:
                         raise ValueError(f"loaded state does not match {where}: state[{key!r}]: {problem}")
                 if "step" in value:
                     _step_count(value["step"])  # raises for a bad count
+                checked.append((base + param_index, param, value, hyper))
+        restored = {}
+        for index, param, value, hyper in checked:  # collectives only after every check passed
+            value = distributed_checkpoint.import_entry(distribution, index, value)
+            if value is not None:  # None: another rank steps it
                 restored[param] = (value, hyper)
         known = set(chain.from_iterable(g["params"] for g in saved_groups))
         state: Dict[Any, Dict[str, Any]] = defaultdict(dict)
@@ -461,7 +506,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         state.update({k: v for k, v in saved_state.items() if k not in known})  # torch keeps such entries
         self.__setstate__({"state": state, "param_groups": new_groups})
         self._layouts = {param: self._layout_key(hyper, param) for param, (_, hyper) in restored.items()}
-        self._distribution.mark_others(self)
-        self._distribution.invalidate()
+        distribution.mark_others(self)
+        distribution.consolidated = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

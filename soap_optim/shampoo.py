@@ -163,8 +163,11 @@ class Shampoo(SoapOptimizerBase):
             instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
             counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
         process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
-            steps, a cost-balanced share of the parameters, and one all-gather per step brings every
-            replica the new values. FSDP2 (DTensor) parameters need no keyword.
+            steps, a cost-balanced share of the parameters, and one all-to-all per step brings every
+            replica the new values. FSDP2 / HSDP / tensor-parallel (DTensor) parameters need no keyword.
+        shard_over_replicas: on a mesh with replicate axes (HSDP), spread the owners of preconditioned
+            parameters over the replicas too (state and preconditioner work per rank fall by the number of
+            replicas; the new values travel to every replica). Default: each replica group steps its own.
         fused: the Kronecker factor update of 2-D (merged) tensors through the fused Triton kernel:
             ``None`` for CUDA tensors with float32 state when triton imports, ``True`` always (an error
             where it cannot run), ``False`` never.
@@ -198,6 +201,7 @@ class Shampoo(SoapOptimizerBase):
         state_dtype: Optional[torch.dtype] = None,
         skip_nonfinite_grads: bool = False,
         process_group=None,
+        shard_over_replicas: bool = False,
         fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
@@ -221,7 +225,7 @@ class Shampoo(SoapOptimizerBase):
             skip_nonfinite_grads=skip_nonfinite_grads,
             fused=fused,
         )
-        super().__init__(params, defaults, process_group=process_group)
+        super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
     _layout_keys = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format", "state_dtype")
 

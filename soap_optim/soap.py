@@ -101,8 +101,11 @@ class SOAP(SoapOptimizerBase):
             instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
             counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
         process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
-            steps, a cost-balanced share of the parameters, and one all-gather per step brings every
-            replica the new values. FSDP2 (DTensor) parameters need no keyword.
+            steps, a cost-balanced share of the parameters, and one all-to-all per step brings every
+            replica the new values. FSDP2 / HSDP / tensor-parallel (DTensor) parameters need no keyword.
+        shard_over_replicas: on a mesh with replicate axes (HSDP), spread the owners of preconditioned
+            parameters over the replicas too (state and preconditioner work per rank fall by the number of
+            replicas; the new values travel to every replica). Default: each replica group steps its own.
         one_sided: keep one factor per parameter (see above).
         one_sided_dim: merged axis to precondition when ``one_sided`` (default: the smallest).
         factorized: factored second moment for 2-D (merged) parameters (see above).
@@ -150,6 +153,7 @@ class SOAP(SoapOptimizerBase):
         state_dtype: Optional[torch.dtype] = None,
         skip_nonfinite_grads: bool = False,
         process_group=None,
+        shard_over_replicas: bool = False,
         one_sided: bool = False,
         one_sided_dim: Optional[int] = None,
         factorized: bool = False,
@@ -181,7 +185,7 @@ class SOAP(SoapOptimizerBase):
             fused=fused,
             rotation_precision=rotation_precision,
         )
-        super().__init__(params, defaults, process_group=process_group)
+        super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
     _layout_keys = (
         "max_precond_dim", "merge_dims", "precondition_1d", "data_format", "one_sided", "one_sided_dim",
