@@ -53,7 +53,6 @@ import torch.distributed as dist  # noqa: E402
 import soap_optim  # noqa: E402
 from soap_optim.bench import optimizers, tasks  # noqa: E402
 from soap_optim.bench.suite import Settings  # noqa: E402
-from soap_optim.distributed import LOCAL  # noqa: E402
 
 DISTRIBUTED_MODES = ("ddp", "zero", "sharded-ddp", "fsdp2")
 ALL_MODES = ("one-process",) + DISTRIBUTED_MODES
@@ -225,15 +224,15 @@ def cost_share(mode: str, opt, inner, world: int, rank: int) -> Dict[str, Any]:
         mine = {id(p) for g in inner.param_groups for p in g["params"]}
         share = sum(c for p, c in zip(params, costs) if id(p) in mine)
         return {"cost_fraction": share / total, "owned": len(mine), "local": 0}
-    roles = opt._distribution._roles
+    distribution = opt._distribution
     share, owned, local = 0.0, 0, 0
-    for param, cost, role in zip(params, costs, roles):
-        if role == rank:
+    for index, (param, cost) in enumerate(zip(params, costs)):
+        role = distribution.role(index)
+        if role.is_local:
+            fraction = role.layout.regions[distribution.rank].numel / max(1, param.numel())
+            share, local = share + cost * fraction, local + 1
+        elif distribution.rank in role.owners():
             share, owned = share + cost, owned + 1
-        elif role == LOCAL:
-            rows = param.shape[0] if param.dim() else 1
-            local_rows = param.to_local().shape[0] if param.dim() else 1
-            share, local = share + cost * local_rows / rows, local + 1
     return {"cost_fraction": share / total, "owned": owned, "local": local}
 
 

@@ -379,7 +379,6 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             if slots:
                 self._step_group(hyper, slots, screen)
         self._distribution.scatter(self)
-        self._distribution.consolidated = None
         for hyper, group in zip((h for h, _ in work), self.param_groups):
             for param in group["params"]:
                 if param not in self._layouts and self.state.get(param):

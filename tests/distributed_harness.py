@@ -91,7 +91,7 @@ def reference_run(make_optimizer: Callable, dtype: torch.dtype, steps: range, mo
     return model, opt
 
 
-def _worker(rank: int, init_file: str, out_dir: str, module: str, names: List[str]) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, module: str, names: List[str], world_size: int = WORLD_SIZE) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).parent))
@@ -100,7 +100,7 @@ def _worker(rank: int, init_file: str, out_dir: str, module: str, names: List[st
     import torch.distributed as dist
 
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE, timeout=PROCESS_GROUP_TIMEOUT
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT
     )
     scenarios = importlib.import_module(module).SCENARIOS
     records: Dict[str, Dict] = {}
@@ -114,14 +114,17 @@ def _worker(rank: int, init_file: str, out_dir: str, module: str, names: List[st
     dist.destroy_process_group()
 
 
-def run_job(module: str, names: List[str]) -> Dict[str, List[Dict]]:
-    """Run scenarios ``names`` of ``module`` (its ``SCENARIOS`` dict) on 2 ranks; per name, each rank's record."""
+def run_job(module: str, names: List[str], world_size: int = WORLD_SIZE) -> Dict[str, List[Dict]]:
+    """Run scenarios ``names`` of ``module`` (its ``SCENARIOS`` dict) on ``world_size`` ranks; per name,
+    each rank's record."""
     import torch.multiprocessing as mp
 
     out_dir = tempfile.mkdtemp(prefix="soap_dist_")
     init_file = os.path.join(out_dir, "rendezvous")
     context = mp.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(r, init_file, out_dir, module, names)) for r in range(WORLD_SIZE)]
+    workers = [
+        context.Process(target=_worker, args=(r, init_file, out_dir, module, names, world_size)) for r in range(world_size)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -130,9 +133,35 @@ def run_job(module: str, names: List[str]) -> Dict[str, List[Dict]]:
     for worker in hung:
         worker.kill()
     records = []
-    for rank in range(WORLD_SIZE):
+    for rank in range(world_size):
         path = Path(out_dir, f"rank{rank}.json")
         records.append(json.loads(path.read_text()) if path.exists() else {})
     if hung:
         raise RuntimeError(f"distributed job hung past {JOB_TIMEOUT_S} s; records so far: {records}")
-    return {name: [records[r].get(name, {"ok": False, "error": "no record"}) for r in range(WORLD_SIZE)] for name in names}
+    return {name: [records[r].get(name, {"ok": False, "error": "no record"}) for r in range(world_size)] for name in names}
+
+
+class Replay:
+    """The one-process reference for runs whose gradients no micro-batch split reproduces bit for bit
+    (4 ranks, tensor parallelism): a plain copy of the model's parameters and an optimizer over them, fed
+    each step the distributed run's own gradients, gathered whole. Parameters are compared whole."""
+
+    def __init__(self, params, make_optimizer) -> None:
+        self.params = [nn.Parameter(_whole(p).clone()) for p in params]
+        self.optimizer = make_optimizer(self.params)
+
+    def step(self, params) -> None:
+        for mine, theirs in zip(self.params, params):
+            mine.grad = None if theirs.grad is None else _whole(theirs.grad).clone()
+        self.optimizer.step()
+
+    def compare(self, params) -> dict:
+        ours = [_whole(p) for p in params]
+        return {
+            "bitwise": all(torch.equal(a, b.detach()) for a, b in zip(ours, self.params)),
+            "max_diff": max(float((a.double() - b.detach().double()).abs().max()) for a, b in zip(ours, self.params)),
+        }
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor().detach() if hasattr(tensor, "full_tensor") else tensor.detach()

@@ -136,8 +136,10 @@ def _check_compiled_step(entry):
 @pytest.mark.parametrize("entry", _by_name("adam"))
 def test_compiled_step_settles_and_is_bitwise(entry):
     frames, graphs, breaks = _check_compiled_step(entry)
-    # measured 62, 6, 9 (the step skeleton validates and screens in Python before the math: more frames)
-    assert frames <= 70 and graphs <= 8 and breaks <= 12, (frames, graphs, breaks)
+    # measured 62, 6, 9 on one machine and 74, 3, 7 on another (Zen 4, this test alone, before and after
+    # the distribution layer's rewrite): the frame count depends on the machine and on what ran before
+    # (the step skeleton validates and screens in Python before the math: more frames)
+    assert frames <= 80 and graphs <= 8 and breaks <= 12, (frames, graphs, breaks)
     assert not _recompile_limit_hit()  # Adam steps a group at once: nothing is specialized per parameter
 
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .exchange import all_to_all
-from .placements import Region, is_dtensor, is_shard, region_at
+from .placements import Region, is_dtensor, is_shard, placements_on_root, region_at
 
 SHARE_KEY = "soap_optim_share"
 
@@ -90,9 +90,10 @@ class StatePlacement:
         from torch.distributed.tensor import Replicate, Shard
 
         if is_dtensor(self.param):
+            on_root = placements_on_root(self.param.device_mesh, self.param.placements)
             if tuple(shape) == tuple(self.param.shape):
-                return tuple(self.param.placements)
-            return tuple(Shard(0) if is_shard(p) else Replicate() for p in self.param.placements)
+                return on_root
+            return tuple(Shard(0) if is_shard(p) else Replicate() for p in on_root)
         return (Shard(0),)
 
     def region(self, shape, position: int) -> Region:
@@ -163,7 +164,9 @@ def complete_state(distribution, optimizer, state_dict: Dict[str, Any]) -> Dict[
         role = distribution.role(index)
         if role.is_local and index in state and is_dtensor(distribution._entries[index][2]):
             state[index] = _wrap_local(distribution._entries[index][2], state[index])
-    return {**state_dict, "state": state}
+    # in parameter order on every rank (torch.optim orders by when state was created, which differs
+    # between ranks): full_state_dict gathers entry by entry, and the collectives must line up
+    return {**state_dict, "state": {index: state[index] for index in sorted(state)}}
 
 
 def _tensor_paths(described: Any, path: tuple = ()):

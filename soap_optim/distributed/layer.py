@@ -27,7 +27,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .exchange import CommStats, all_reduce_sum, all_to_all
-from .placements import Layout, dtensor_layout, is_dtensor, replicated_layout, single_layout
+from .placements import Layout, dtensor_layout, is_dtensor, replicated_layout, root_mesh, single_layout
 from .plan import Role, build_roles
 
 LOCAL = -1  # kept for callers that print roles: a parameter stepped where it is
@@ -69,7 +69,7 @@ class Distribution:
     def __init__(self, process_group=None, *, shard_over_replicas: bool = False) -> None:
         self._process_group = process_group
         self.shard_over_replicas = shard_over_replicas
-        self._signature: Optional[Tuple] = None
+        self._signature: Optional[Tuple[int, ...]] = None  # ids of the parameters the mode was derived from
         self._mode = "single"
         self._mesh = None
         self._group = None
@@ -164,12 +164,12 @@ class Distribution:
                     "soap_optim: process_group= is for DDP (replicated parameters); FSDP2 parameters carry "
                     "their device mesh, so leave it unset"
                 )
-            meshes = {p.device_mesh for p in params}
+            meshes = {root_mesh(p.device_mesh) for p in params}
             if len(meshes) > 1:
                 raise ValueError(
-                    "soap_optim: all DTensor parameters of one optimizer must be on one device mesh (apply "
-                    "fully_shard / parallelize_module with the same mesh); got meshes "
-                    + ", ".join(str(m) for m in meshes)
+                    "soap_optim: all DTensor parameters of one optimizer must be on one device mesh or on "
+                    "sub-meshes of one (apply fully_shard / parallelize_module with slices of the same mesh); "
+                    "got meshes " + ", ".join(str(m) for m in meshes)
                 )
             for param in params:
                 placements = tuple(param.placements)
@@ -225,7 +225,7 @@ class Distribution:
 
     def _layout(self, param: torch.Tensor) -> Layout:
         if self._mode == "sharded":
-            key = (tuple(param.shape), tuple(param.placements))
+            key = (tuple(param.shape), param.device_mesh, tuple(param.placements))
             if key not in self._layouts:
                 self._layouts[key] = dtensor_layout(param)
             return self._layouts[key]
@@ -276,13 +276,14 @@ class Distribution:
     # ------------------------------------------------------------------ a step
     def gather(self, optimizer, groups, hypers) -> List[List[WorkItem]]:
         """Per group, the parameters this rank steps now, with the tensors to step."""
-        roles = self.plan(optimizer, groups, hypers)
+        self.sync(optimizer, groups)
         work: List[List[WorkItem]] = [[] for _ in groups]
-        if roles is None:  # one process: every parameter, as it is
+        if self._mode == "single":  # every parameter, as it is
             for index, (gi, pi, param) in enumerate(self._entries):
                 if param.grad is not None:
                     work[gi].append(WorkItem(param, param, param.grad, gi, pi, index))
             return work
+        roles = self.plan(optimizer, groups, hypers)
         self._pending = {}
         owned: List[int] = []
         for index, (gi, pi, param) in enumerate(self._entries):

@@ -26,10 +26,11 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
 
 
 def is_shard(placement) -> bool:
-    """``Shard(d)`` or ``_StridedShard`` (a subclass of ``Shard``)."""
+    """``Shard(d)`` or ``_StridedShard`` (not a subclass of ``Shard`` in every torch release)."""
     from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
-    return isinstance(placement, Shard)
+    return isinstance(placement, (Shard, _StridedShard))
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,36 @@ def _product(values: Sequence[int]) -> int:
     return total
 
 
+def root_mesh(mesh):
+    """The mesh ``mesh`` was sliced from (itself if it was not): parameters on sub-meshes of one root
+    (FSDP on ``mesh["dp"]`` beside tensor parallelism on the whole ``(dp, tp)`` mesh) share positions."""
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    return mesh if root is None else root
+
+
+def placements_on_root(mesh, placements) -> tuple:
+    """``placements`` on a sub-mesh, expressed on its root mesh (``Replicate`` on the other dimensions)."""
+    from torch.distributed.tensor import Replicate
+
+    root = root_mesh(mesh)
+    if root is mesh or root == mesh:
+        return tuple(placements)
+    names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+    if not names or not root_names or any(name not in root_names for name in names):
+        raise ValueError(
+            f"soap_optim: a parameter on a sub-mesh {names} of the mesh {root_names} whose dimensions cannot be "
+            f"matched by name (flattened mesh dimensions are not supported)"
+        )
+    on_root = [Replicate()] * root.ndim
+    for name, placement in zip(names, placements):
+        on_root[root_names.index(name)] = placement
+    return tuple(on_root)
+
+
 def dtensor_layout(param: torch.Tensor) -> Layout:
-    """The :class:`Layout` of a DTensor parameter (plain ``Partial`` placements are not parameters)."""
-    mesh, placements = param.device_mesh, tuple(param.placements)
+    """The :class:`Layout` of a DTensor parameter, on the root of its mesh."""
+    mesh = root_mesh(param.device_mesh)
+    placements = placements_on_root(param.device_mesh, param.placements)
     mesh_shape = tuple(mesh.mesh.shape)
     shard_axes = tuple(i for i, p in enumerate(placements) if is_shard(p))
     replicate_axes = tuple(i for i in range(len(placements)) if i not in shard_axes)
