@@ -260,6 +260,40 @@ def _whole_mesh_lightning(rank, out_dir):
     return _compare(model, reference)
 
 
+def _accelerate(rank, out_dir):
+    """accelerate's own ``Accelerator.prepare`` with an FSDP2 plugin (what HF Trainer calls for FSDP).
+    On a machine without an accelerator it silently falls back to DDP (MULTI_CPU), so its shared state is
+    set to FSDP after set-up, as the DESIGN notes say; its FSDP2 code then runs unchanged on the CPU."""
+    try:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    except ImportError:
+        return {"skipped": "accelerate is not installed"}
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+    results = {}
+    for name in ("soap", "shampoo", "torch-adamw"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
+        accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+        for shared in (AcceleratorState._shared_state, PartialState._shared_state):
+            shared["distributed_type"] = DistributedType.FSDP
+        AcceleratorState._shared_state["fsdp_plugin"] = plugin
+        model = Net()
+        model, opt = accelerator.prepare(model, OPTIMIZERS[name](model.parameters()))
+        for step in range(STEPS):
+            opt.zero_grad()
+            accelerator.backward(loss_of(model, *half_batch(step, torch.float32, rank)))
+            opt.step()
+        reference, _ = reference_run(OPTIMIZERS[name], torch.float32, range(STEPS))
+        results[name] = {
+            "sharded": all(hasattr(p, "device_mesh") for p in model.parameters()),
+            **_compare(model, reference),
+        }
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return results
+
+
 SCENARIOS = {f"swap-{name}": functools.partial(_swap, name) for name in OPTIMIZERS}
 SCENARIOS["fsdp1"] = _fsdp1
 SCENARIOS["deepspeed-flat"] = _deepspeed_flat
@@ -270,6 +304,7 @@ SCENARIOS["ddp-rank0-save"] = _ddp_rank0_save
 SCENARIOS.update({f"after-load-{m}": functools.partial(_after_load, m) for m in ("fsdp", "ddp")})
 SCENARIOS["share"] = _share_is_not_whole
 SCENARIOS["lightning-mesh"] = _whole_mesh_lightning
+SCENARIOS["accelerate"] = _accelerate  # last: it changes accelerate's process-wide state
 
 
 @pytest.fixture(scope="module")
@@ -336,3 +371,13 @@ def test_a_share_never_loads_as_a_whole(job):
 def test_lightning_whole_two_d_mesh_trains_bitwise(job):
     for rank, check in enumerate(_records(job, "lightning-mesh")):
         assert check["bitwise"], (rank, check["max_diff"])
+
+
+def test_accelerate_prepare_with_fsdp2_trains_bitwise(job):
+    records = _records(job, "accelerate")
+    if "skipped" in records[0]:
+        pytest.skip(records[0]["skipped"])
+    for rank, check in enumerate(records):
+        for name, result in check.items():
+            assert result["sharded"], (rank, name)
+            assert result["bitwise"], (rank, name, result["max_diff"])
