@@ -161,8 +161,10 @@ class Distribution:
         if True in kinds:
             if self._process_group is not None:
                 raise ValueError(
-                    "soap_optim: process_group= is for DDP (replicated parameters); FSDP2 parameters carry "
-                    "their device mesh, so leave it unset"
+                    "soap_optim: process_group= is for DDP over plain (replicated) parameters; DTensor "
+                    "parameters (FSDP2, HSDP, tensor parallelism) carry their device mesh, so leave it unset. "
+                    "For data parallelism over tensor-parallel modules, apply fully_shard on the data-parallel "
+                    "slice of the mesh (mesh['dp']) instead of DDP"
                 )
             meshes = {root_mesh(p.device_mesh) for p in params}
             if len(meshes) > 1:
