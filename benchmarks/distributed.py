@@ -19,6 +19,13 @@ four above it):
   one all_gather of the new values;
 * ``fsdp2``: ``fully_shard`` (each block, then the root) and ``soap_optim.SOAP``: elementwise parameters step
   their local rows, the rest go to cost-balanced owners through two all_to_all_single calls.
+* ``hsdp`` / ``hsdp-spread``: ``fully_shard`` on a ``(2, W/2)`` ``(replicate, shard)`` mesh; each replica
+  group steps its own owners, or (``shard_over_replicas=True``) the owners are spread over the replicas.
+* ``fsdp-tp`` / ``fsdp-tp-spread``: a ``(W/2, 2)`` ``(dp, tp)`` mesh: each block's MLP colwise/rowwise
+  tensor parallel on ``tp``, then ``fully_shard`` on ``dp``; the two ranks of a ``tp`` pair train on the same
+  slice of the batch. Parameters without tensor parallelism are replicated over ``tp``: their owners are
+  one per ``tp`` rank, or spread over both (``shard_over_replicas=True``).
+  (Mesh modes are chosen with ``--modes``, e.g. ``--modes fsdp2,hsdp,hsdp-spread,fsdp-tp`` at 4 ranks.)
 
 Only ``opt.step()`` is timed (forward and backward, DDP's gradient all-reduce and FSDP2's gathers are
 not), after a barrier so that ranks enter the step together. For soap_optim's modes the time inside the
@@ -55,7 +62,8 @@ from soap_optim.bench import optimizers, tasks  # noqa: E402
 from soap_optim.bench.suite import Settings  # noqa: E402
 
 DISTRIBUTED_MODES = ("ddp", "zero", "sharded-ddp", "fsdp2")
-ALL_MODES = ("one-process",) + DISTRIBUTED_MODES
+MESH_MODES = ("hsdp", "hsdp-spread", "fsdp-tp", "fsdp-tp-spread")  # 2-D meshes: an even world size >= 4
+ALL_MODES = ("one-process",) + DISTRIBUTED_MODES + MESH_MODES
 MB = 1e6
 
 
@@ -145,11 +153,48 @@ def training_windows(args, world: int, rank: int) -> Callable[[int], torch.Tenso
 
 
 # ------------------------------------------------------------------------------------ one mode
+_MESHES: Dict[tuple, Any] = {}
+
+
+def two_d_mesh(device: torch.device, shape, names):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (device.type, tuple(shape), tuple(names))
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device.type, tuple(shape), mesh_dim_names=tuple(names))
+    return _MESHES[key]
+
+
+def build_on_mesh(mode: str, model, device: torch.device, world: int, kwargs):
+    from torch.distributed.fsdp import fully_shard
+
+    if world % 2 or world < 4:
+        raise SystemExit(f"mode {mode} needs an even world size of at least 4, got {world}")
+    if mode in ("hsdp", "hsdp-spread"):
+        mesh = two_d_mesh(device, (2, world // 2), ("replicate", "shard"))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = soap_optim.SOAP(model.parameters(), shard_over_replicas=mode == "hsdp-spread", **kwargs)
+        return model, opt, opt
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = two_d_mesh(device, (world // 2, 2), ("dp", "tp"))
+    for block in model.blocks:
+        parallelize_module(block, mesh["tp"], {"mlp_in": ColwiseParallel(), "mlp_out": RowwiseParallel()})
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = soap_optim.SOAP(model.parameters(), shard_over_replicas=mode == "fsdp-tp-spread", **kwargs)
+    return model, opt, opt
+
+
 def build(mode: str, args, device: torch.device, mesh):
     """(model, optimizer, inner SOAP) for ``mode``; the inner SOAP is the one holding this rank's state."""
     torch.manual_seed(args.seed)
     model = tasks.gpt(args.width, args.depth, args.context).to(device)
     kwargs = soap_kwargs(args)
+    if mode in MESH_MODES:
+        return build_on_mesh(mode, model, device, dist.get_world_size(), kwargs)
     if mode == "one-process":
         opt = soap_optim.SOAP(model.parameters(), **kwargs)
         return model, opt, opt
@@ -241,7 +286,12 @@ def run_mode(mode: str, args, env: Dict[str, Any], mesh) -> Dict[str, Any]:
     model, opt, inner = build(mode, args, device, mesh)
     full_params = [p for p in model.parameters()]
     param_bytes = sum(p.numel() * p.element_size() for p in full_params)  # DTensors: their global shape
-    windows_of = training_windows(args, world, rank)
+    local_params = [p.to_local() if hasattr(p, "to_local") else p for p in full_params]
+    local_param_bytes = sum(p.numel() * p.element_size() for p in local_params)
+    if mode.startswith("fsdp-tp"):  # the two ranks of a tensor-parallel pair see the same data
+        windows_of = training_windows(args, world // 2, rank // 2)
+    else:
+        windows_of = training_windows(args, world, rank)
     stats = getattr(getattr(opt, "_distribution", None), "stats", None)
     calls: List[Dict[str, Any]] = []  # this step's collectives, one by one (soap_optim's modes)
     if stats is not None:
@@ -295,6 +345,7 @@ def run_mode(mode: str, args, env: Dict[str, Any], mesh) -> Dict[str, Any]:
         "rank": rank,
         "world_size": world,
         "param_bytes": param_bytes,
+        "local_param_bytes": local_param_bytes,
         "parameters": sum(p.numel() for p in full_params),
         "state_bytes": sum(tensor_bytes(entry) for entry in inner.state.values()),
         "final_loss": loss_value,
@@ -334,6 +385,7 @@ def summarize(record: Dict[str, Any]) -> Dict[str, Any]:
         "collective_s": mean(steps, "seconds"),
         "bytes_per_step": mean(steps, "bytes"),
         "bytes_over_param_bytes": mean(steps, "bytes") / record["param_bytes"],
+        "bytes_over_local_param_bytes": mean(steps, "bytes") / record["local_param_bytes"],
         "collectives_per_step": mean(steps, "collectives"),
         "collective_kinds": kinds,
     }

@@ -37,6 +37,8 @@ import torch  # noqa: E402
 import soap_optim  # noqa: E402
 from soap_optim.bench import tasks  # noqa: E402
 from soap_optim.distributed import assign_owners, balance, chunk_rows  # noqa: E402
+from soap_optim.distributed.placements import make_layout  # noqa: E402
+from soap_optim.distributed.plan import build_roles, owner_balance  # noqa: E402
 
 Shapes = List[Tuple[str, Tuple[int, ...]]]
 
@@ -128,6 +130,52 @@ def ownership_report(shapes: Shapes, world_size: int, **soap_kwargs) -> Dict[str
     }
 
 
+# Mesh shapes the owner balance is reported for, with the names of their dimensions: HSDP (replicate,
+# shard) and torchtitan's (dp_replicate, dp_shard, tp).
+MESHES = {"(8, 8) HSDP": (8, 8), "(4, 16) HSDP": (4, 16), "(2, 4, 8) HSDP x TP": (2, 4, 8)}
+
+
+def gpt2_placements(name: str, mesh_shape: Tuple[int, ...]):
+    """How torchtitan-style training places a GPT-2 parameter: FSDP's Shard(0) on the shard dimension,
+    replicated over the replicate dimension; on a 3-D mesh, attention/MLP input projections colwise (HF
+    Conv1D weights are in x out, so Shard(1)) and output projections rowwise (Shard(0) under FSDP's
+    _StridedShard(0)) on tp, everything else replicated on tp."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if len(mesh_shape) == 2:
+        return (Replicate(), Shard(0))
+    tp = mesh_shape[2]
+    if name.endswith(("c_attn.weight", "c_fc.weight")):
+        return (Replicate(), Shard(0), Shard(1))
+    if name.endswith(("c_attn.bias", "c_fc.bias")):
+        return (Replicate(), _StridedShard(0, split_factor=tp), Shard(0))
+    if name.endswith("c_proj.weight"):
+        return (Replicate(), _StridedShard(0, split_factor=tp), Shard(0))
+    return (Replicate(), Shard(0), Replicate())
+
+
+def mesh_balance(shapes: Shapes, mesh_shape: Tuple[int, ...], spread: bool, **soap_kwargs) -> Dict[str, object]:
+    """max/mean of the owned preconditioner work per rank on ``mesh_shape`` (the distribution layer's own
+    plan, from placements), by default (each replica group steps its owners) or spread over replicas."""
+    costs, elementwise = soap_costs(shapes, **soap_kwargs)
+    ranks = torch.arange(math.prod(mesh_shape)).view(mesh_shape)
+    layouts = [make_layout(shape, ranks, gpt2_placements(name, mesh_shape)) for name, shape in shapes]
+    roles = build_roles(layouts, elementwise, costs, 0, spread=spread)
+    owned = owner_balance(roles, costs)
+    loads = [0.0] * ranks.numel()
+    for role, cost in zip(roles, costs):
+        if role.is_local:  # every position pays for its piece
+            for position, region in enumerate(role.layout.regions):
+                loads[position] += cost * region.numel / max(1, math.prod(region.shape))
+        else:
+            for owner in role.owners():
+                loads[owner] += cost
+    mean = sum(loads) / len(loads)
+    return {"mesh": list(mesh_shape), "spread": spread, "owned_max_over_mean": owned["max_over_mean"],
+            "max_over_mean": max(loads) / mean if mean else 1.0}
+
+
 def parameter_sets(width: int, depth: int, context: int) -> Dict[str, Shapes]:
     return {
         f"benchmark GPT (width {width}, depth {depth}, context {context})": benchmark_gpt_shapes(width, depth, context),
@@ -171,8 +219,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     print(f"SOAP ownership balance, max/mean cost per rank (1.000 = even); SOAP kwargs {kwargs}")
     print(table(reports))
+    meshes = [
+        {"name": name, **mesh_balance(gpt2_shapes(), shape, spread, **kwargs)}
+        for name, shape in MESHES.items() for spread in (False, True)
+    ]
+    print("\nGPT-2 small on N-D meshes (owner work, and all work with elementwise pieces):")
+    print("| mesh | owners | owned max/mean | all work max/mean |\n|---|---|---:|---:|")
+    for row in meshes:
+        mode = "spread over replicas" if row["spread"] else "one per replica group"
+        print(f"| {row['name']} | {mode} | {row['owned_max_over_mean']:.3f} | {row['max_over_mean']:.3f} |")
     if args.out:
-        args.out.write_text(json.dumps({"soap_kwargs": kwargs, "reports": reports}, indent=2))
+        args.out.write_text(json.dumps({"soap_kwargs": kwargs, "reports": reports, "meshes": meshes}, indent=2))
     return 0
 
 

@@ -196,19 +196,24 @@ def placements_on_root(mesh, placements) -> tuple:
     return tuple(on_root)
 
 
+def make_layout(shape: Sequence[int], ranks: torch.Tensor, placements) -> Layout:
+    """The :class:`Layout` of a tensor of global ``shape`` with ``placements`` on a mesh whose global rank
+    at each coordinate is ``ranks`` (also usable without a process group, to plan from shapes)."""
+    mesh_shape = tuple(ranks.shape)
+    shard_axes = tuple(i for i, p in enumerate(placements) if is_shard(p))
+    replicate_axes = tuple(i for i in range(len(placements)) if i not in shard_axes)
+    regions = tuple(
+        region_at(shape, mesh_shape, [int(c) for c in torch.unravel_index(torch.tensor(flat), mesh_shape)], placements)
+        for flat in range(ranks.numel())
+    )
+    return Layout(ranks, shard_axes, replicate_axes, regions)
+
+
 def dtensor_layout(param: torch.Tensor) -> Layout:
     """The :class:`Layout` of a DTensor parameter, on the root of its mesh."""
     mesh = root_mesh(param.device_mesh)
     placements = placements_on_root(param.device_mesh, param.placements)
-    mesh_shape = tuple(mesh.mesh.shape)
-    shard_axes = tuple(i for i, p in enumerate(placements) if is_shard(p))
-    replicate_axes = tuple(i for i in range(len(placements)) if i not in shard_axes)
-    ranks = mesh.mesh.detach().cpu().clone()
-    regions = tuple(
-        region_at(param.shape, mesh_shape, [int(c) for c in torch.unravel_index(torch.tensor(flat), mesh_shape)], placements)
-        for flat in range(ranks.numel())
-    )
-    return Layout(ranks, shard_axes, replicate_axes, regions)
+    return make_layout(param.shape, mesh.mesh.detach().cpu().clone(), placements)
 
 
 def replicated_layout(shape: Sequence[int], ranks: Sequence[int]) -> Layout:
