@@ -135,8 +135,13 @@ def _parity(kind, name, dtype_name, spread, rank, out_dir):
         check = replay.compare(list(model.parameters()))
         worst = {"bitwise": worst["bitwise"] and check["bitwise"], "max_diff": max(worst["max_diff"], check["max_diff"])}
     placements = sorted({str(tuple(p.placements)) for p in model.parameters()})
+    consolidated = None
+    if name != "torch-adamw":  # the whole state, gathered on rank 0, is the one process's
+        whole = opt.consolidate_state_dict(to=0)
+        if rank == 0:
+            consolidated = _same_state(replay.optimizer.state_dict()["state"], whole["state"])
     return {**worst, "state_bytes": _state_bytes(opt), "reference_state_bytes": _state_bytes(replay.optimizer),
-            "placements": placements}
+            "placements": placements, "consolidated": consolidated}
 
 
 def _state_bytes(opt) -> int:
@@ -294,6 +299,8 @@ def _records(job, name):
 def test_bitwise_parity_with_one_process(job, kind, name, dtype, spread):
     for rank, check in enumerate(_records(job, _parity_id(kind, name, dtype, spread))):
         assert check["bitwise"], f"rank {rank}: max difference {check['max_diff']} (placements {check['placements']})"
+        if rank == 0 and name != "torch-adamw":
+            assert check["consolidated"], "consolidate_state_dict(to=0) differs from the one-process state"
 
 
 def test_meshes_really_are_what_they_claim(job):
