@@ -114,12 +114,15 @@ def _worker(rank: int, init_file: str, out_dir: str, module: str, names: List[st
     dist.destroy_process_group()
 
 
-def run_job(module: str, names: List[str], world_size: int = WORLD_SIZE) -> Dict[str, List[Dict]]:
+def run_job(module: str, names: List[str], world_size: int = WORLD_SIZE, out_dir: str = None) -> Dict[str, List[Dict]]:
     """Run scenarios ``names`` of ``module`` (its ``SCENARIOS`` dict) on ``world_size`` ranks; per name,
-    each rank's record."""
+    each rank's record. Scenarios get ``out_dir`` (a new temporary directory unless given) for files."""
     import torch.multiprocessing as mp
 
-    out_dir = tempfile.mkdtemp(prefix="soap_dist_")
+    out_dir = out_dir or tempfile.mkdtemp(prefix="soap_dist_")
+    for stale in ("rendezvous",) + tuple(f"rank{r}.json" for r in range(world_size)):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
     init_file = os.path.join(out_dir, "rendezvous")
     context = mp.get_context("spawn")
     workers = [

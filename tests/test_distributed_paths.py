@@ -37,7 +37,7 @@ OPTIMIZERS = {
 def _mesh():
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh("cpu", (WORLD_SIZE,))
+    return init_device_mesh("cpu", (torch.distributed.get_world_size(),))
 
 
 def _train(model, opt, steps, rank, dtype=torch.float32):
@@ -294,6 +294,44 @@ def _accelerate(rank, out_dir):
     return results
 
 
+def _dcp_save(rank, out_dir):
+    """Save at 2 ranks (FSDP2, SOAP after 4 steps): the checkpoint, and the whole state to compare with."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, get_state_dict
+
+    model, opt = _fsdp("soap")
+    _train(model, opt, range(4), rank)
+    model_sd, opt_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(out_dir, "saved-at-2"))
+    whole = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    params = [_whole(p) for p in model.parameters()]  # a collective: every rank
+    if rank == 0:
+        torch.save({"state": copy.deepcopy(whole["state"]), "params": params}, os.path.join(out_dir, "saved-at-2.pt"))
+    return {}
+
+
+def _dcp_load_at_3(rank, out_dir):
+    """Load the 2-rank checkpoint at 3 ranks (7-row matrices split 3/3/1): the whole state and parameters
+    are the saved ones bit for bit, and training continues."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, get_state_dict, set_state_dict
+
+    model, opt = _fsdp("soap")
+    model_sd, opt_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": opt_sd}
+    dcp.load(state, checkpoint_id=os.path.join(out_dir, "saved-at-2"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    saved = torch.load(os.path.join(out_dir, "saved-at-2.pt"), weights_only=False)
+    whole = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    same_state = _same(saved["state"], whole["state"])  # before training on: the step counts are live tensors
+    same_params = all(torch.equal(a, b) for a, b in zip(saved["params"], [_whole(p) for p in model.parameters()]))
+    for step in range(4, STEPS):  # and it trains on
+        opt.zero_grad()
+        loss_of(model, *half_batch(step, torch.float32, 0)).backward()
+        opt.step()
+    return {"state": same_state, "params": same_params}
+
+
 SCENARIOS = {f"swap-{name}": functools.partial(_swap, name) for name in OPTIMIZERS}
 SCENARIOS["fsdp1"] = _fsdp1
 SCENARIOS["deepspeed-flat"] = _deepspeed_flat
@@ -305,11 +343,37 @@ SCENARIOS.update({f"after-load-{m}": functools.partial(_after_load, m) for m in 
 SCENARIOS["share"] = _share_is_not_whole
 SCENARIOS["lightning-mesh"] = _whole_mesh_lightning
 SCENARIOS["accelerate"] = _accelerate  # last: it changes accelerate's process-wide state
+RESHARD = {"dcp-save-2": _dcp_save, "dcp-load-3": _dcp_load_at_3}  # their own jobs (2 ranks, then 3)
+SCENARIOS.update(RESHARD)
 
 
 @pytest.fixture(scope="module")
 def job():
-    return run_job(__name__.split(".")[-1], list(SCENARIOS))
+    return run_job(__name__.split(".")[-1], [name for name in SCENARIOS if name not in RESHARD])
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    """The 2-rank save, then the 3-rank load, in one directory; and the load at one process, here."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    directory = str(tmp_path_factory.mktemp("reshard"))
+    saved = run_job(__name__.split(".")[-1], ["dcp-save-2"], out_dir=directory)
+    loaded = run_job(__name__.split(".")[-1], ["dcp-load-3"], world_size=3, out_dir=directory)
+    model = Net()
+    opt = OPTIMIZERS["soap"](model.parameters())
+    model_sd, opt_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": opt_sd}
+    dcp.load(state, checkpoint_id=os.path.join(directory, "saved-at-2"), no_dist=True)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    reference = torch.load(os.path.join(directory, "saved-at-2.pt"), weights_only=False)
+    names = dict(zip(map(id, model.parameters()), (n for n, _ in model.named_parameters())))
+    one = {
+        "state": _same(reference["state"], {names[id(p)]: opt.state[p] for p in model.parameters()}),
+        "params": all(torch.equal(a, b.detach()) for a, b in zip(reference["params"], model.parameters())),
+    }
+    return saved, loaded, one
 
 
 def _records(job, name):
@@ -381,3 +445,13 @@ def test_accelerate_prepare_with_fsdp2_trains_bitwise(job):
         for name, result in check.items():
             assert result["sharded"], (rank, name)
             assert result["bitwise"], (rank, name, result["max_diff"])
+
+
+def test_dcp_saved_at_two_ranks_loads_at_three_and_at_one(resharded):
+    saved, loaded, one = resharded
+    for record in saved["dcp-save-2"]:
+        assert record["ok"], record.get("error")
+    for rank, record in enumerate(loaded["dcp-load-3"]):
+        assert record["ok"], (rank, record.get("error"))
+        assert record["checks"]["state"] and record["checks"]["params"], rank
+    assert one["state"] and one["params"]
