@@ -24,7 +24,30 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
+import soap_optim
+
 WORLD_SIZE = 2
+
+# The optimizers every distributed test module compares with one process (a subset where it says so);
+# ``torch.optim.AdamW`` is the control. Refreshes at steps 3 and 6 (precondition_frequency=3).
+OPTIMIZERS = {
+    "torch-adamw": lambda params, **kw: torch.optim.AdamW(params, lr=1e-2),
+    "soap": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, **kw),
+    "soap-merge-1d": lambda params, **kw: soap_optim.SOAP(
+        params, lr=1e-2, precondition_frequency=3, merge_dims=True, precondition_1d=True, max_precond_dim=16, **kw
+    ),
+    "soap-one-sided": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, one_sided=True, **kw),
+    "soap-factorized": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, factorized=True, **kw),
+    "soap-normalize": lambda params, **kw: soap_optim.SOAP(
+        params, lr=1e-2, precondition_frequency=3, normalize_grads=True, orthograd=True, **kw
+    ),
+    "shampoo": lambda params, **kw: soap_optim.Shampoo(
+        params, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, **kw
+    ),
+    "adam": lambda params, **kw: soap_optim.Adam(params, lr=1e-2, weight_decay=0.1, **kw),
+    "adamw": lambda params, **kw: soap_optim.AdamW(params, lr=1e-2, **kw),
+    "adafactor": lambda params, **kw: soap_optim.Adafactor(params, lr=1e-2, beta1=0.9, **kw),
+}
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=60)
 JOB_TIMEOUT_S = 600
 GLOBAL_BATCH = 8
@@ -168,3 +191,23 @@ class Replay:
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor().detach() if hasattr(tensor, "full_tensor") else tensor.detach()
+
+
+def dcp_save(model, opt, path: str) -> None:
+    """Model and optimizer through torch.distributed.checkpoint's state-dict API, as users save."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
+
+
+def dcp_load(model, opt, path: str, **load_kwargs) -> None:
+    """Load what :func:`dcp_save` wrote into ``model`` and ``opt`` (templates from the state-dict API)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": opt_sd}
+    dcp.load(state, checkpoint_id=path, **load_kwargs)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_harness import WORLD_SIZE, Net, half_batch, loss_of, reference_run, run_job  # noqa: E402
+from distributed_harness import OPTIMIZERS, WORLD_SIZE, Net, dcp_load, dcp_save, half_batch, loss_of, reference_run, run_job  # noqa: E402
 
 import soap_optim  # noqa: E402
 
@@ -26,24 +26,6 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 STEPS = 7  # crosses refreshes at steps 3 and 6 (precondition_frequency=3; step 1 only builds the basis)
 
-OPTIMIZERS = {
-    "torch-adamw": lambda params, **kw: torch.optim.AdamW(params, lr=1e-2),
-    "soap": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, **kw),
-    "soap-merge-1d": lambda params, **kw: soap_optim.SOAP(
-        params, lr=1e-2, precondition_frequency=3, merge_dims=True, precondition_1d=True, max_precond_dim=16, **kw
-    ),
-    "soap-one-sided": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, one_sided=True, **kw),
-    "soap-factorized": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, factorized=True, **kw),
-    "soap-normalize": lambda params, **kw: soap_optim.SOAP(
-        params, lr=1e-2, precondition_frequency=3, normalize_grads=True, orthograd=True, **kw
-    ),
-    "shampoo": lambda params, **kw: soap_optim.Shampoo(
-        params, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, **kw
-    ),
-    "adam": lambda params, **kw: soap_optim.Adam(params, lr=1e-2, weight_decay=0.1, **kw),
-    "adamw": lambda params, **kw: soap_optim.AdamW(params, lr=1e-2, **kw),
-    "adafactor": lambda params, **kw: soap_optim.Adafactor(params, lr=1e-2, beta1=0.9, **kw),
-}
 MODES = ("fsdp", "ddp")
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 PARITY = [(o, m, "f32") for o in OPTIMIZERS for m in MODES] + [
@@ -148,22 +130,15 @@ def _nonfinite(mode, rank, out_dir):
 def _dcp_resume(mode, rank, out_dir):
     """get/set_optimizer_state_dict + dcp.save/load at the same world size: the resumed run continues
     bit for bit, and both equal one process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     dtype = torch.float32
     model, opt = _distributed("soap", mode, dtype)
     _train(model, opt, range(4), dtype, rank)
-    model_sd, opt_sd = get_state_dict(model, opt)
     path = os.path.join(out_dir, f"dcp-{mode}")
-    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
+    dcp_save(model, opt, path)
     _train(model, opt, range(4, STEPS), dtype, rank)
 
     resumed, resumed_opt = _distributed("soap", mode, dtype)
-    model_sd, opt_sd = get_state_dict(resumed, resumed_opt)  # templates (state initialised at lr 0)
-    loaded = {"model": model_sd, "optim": opt_sd}
-    dcp.load(loaded, checkpoint_id=path)
-    set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    dcp_load(resumed, resumed_opt, path)  # templates from get_state_dict (state initialised at lr 0)
     _train(resumed, resumed_opt, range(4, STEPS), dtype, rank)
     reference, _ = reference_run(OPTIMIZERS["soap"], dtype, range(STEPS))
     same = all(torch.equal(a, b) for a, b in zip(_params(resumed), _params(model)))

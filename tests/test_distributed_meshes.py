@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_harness import Net, Replay, batch, loss_of, run_job  # noqa: E402
+from distributed_harness import OPTIMIZERS, Net, Replay, batch, dcp_load, dcp_save, run_job  # noqa: E402
 
-import soap_optim  # noqa: E402
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -29,22 +28,6 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 WORLD = 4
 STEPS = 5  # refreshes at steps 3 (precondition_frequency=3); Shampoo's roots at 2 and 4
 
-OPTIMIZERS = {
-    "torch-adamw": lambda params, **kw: torch.optim.AdamW(params, lr=1e-2),
-    "soap": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, **kw),
-    "soap-merge-1d": lambda params, **kw: soap_optim.SOAP(
-        params, lr=1e-2, precondition_frequency=3, merge_dims=True, precondition_1d=True, max_precond_dim=16, **kw
-    ),
-    "soap-one-sided": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, one_sided=True, **kw),
-    "soap-factorized": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, factorized=True, **kw),
-    "soap-normalize": lambda params, **kw: soap_optim.SOAP(
-        params, lr=1e-2, precondition_frequency=3, normalize_grads=True, orthograd=True, **kw
-    ),
-    "shampoo": lambda params, **kw: soap_optim.Shampoo(params, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, **kw),
-    "adam": lambda params, **kw: soap_optim.Adam(params, lr=1e-2, weight_decay=0.1, **kw),
-    "adamw": lambda params, **kw: soap_optim.AdamW(params, lr=1e-2, **kw),
-    "adafactor": lambda params, **kw: soap_optim.Adafactor(params, lr=1e-2, beta1=0.9, **kw),
-}
 
 
 class TPNet(nn.Module):
@@ -181,10 +164,7 @@ def _nonfinite(rank, out_dir):
 def _checkpoint_across_meshes(rank, out_dir):
     """DCP save on HSDP (2, 2), load on a 1-D 4-rank FSDP2 mesh and on one process: the loaded state is the
     saved one bit for bit (compared whole, through full_state_dict); then back to HSDP in the other mode."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_optimizer_state_dict, get_state_dict, set_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
 
     def train(model, opt, steps, part, parts):
@@ -202,24 +182,16 @@ def _checkpoint_across_meshes(rank, out_dir):
     train(model, opt, range(4), part, parts)
     saved = whole_state(model, opt)
     path = os.path.join(out_dir, "dcp-hsdp")
-    model_sd, opt_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
+    dcp_save(model, opt, path)
 
     results = {}
     flat = Net()
     fully_shard(flat, mesh=_mesh((WORLD,), ("shard",)))
     flat_opt = OPTIMIZERS["soap"](flat.parameters())
-    for target, (m, o) in {"fsdp-4": (flat, flat_opt)}.items():
-        model_sd, opt_sd = get_state_dict(m, o)
-        loaded = {"model": model_sd, "optim": opt_sd}
-        dcp.load(loaded, checkpoint_id=path)
-        set_state_dict(m, o, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-        results[target] = _same_state(saved, whole_state(m, o))
+    dcp_load(flat, flat_opt, path)
+    results["fsdp-4"] = _same_state(saved, whole_state(flat, flat_opt))
     spread, spread_opt, _, _ = _build("hsdp", "soap", torch.float32, True)
-    model_sd, opt_sd = get_state_dict(spread, spread_opt)
-    loaded = {"model": model_sd, "optim": opt_sd}
-    dcp.load(loaded, checkpoint_id=path)
-    set_state_dict(spread, spread_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    dcp_load(spread, spread_opt, path)
     results["hsdp-spread"] = _same_state(saved, whole_state(spread, spread_opt))
     # the resumed spread run continues exactly as the original (the same mesh shape, so the same gradients)
     train(model, opt, range(4, 6), part, parts)
@@ -230,10 +202,7 @@ def _checkpoint_across_meshes(rank, out_dir):
     if rank == 0:  # one process, without the process group
         single = Net()
         single_opt = OPTIMIZERS["soap"](single.parameters())
-        model_sd, opt_sd = get_state_dict(single, single_opt)
-        loaded = {"model": model_sd, "optim": opt_sd}
-        dcp.load(loaded, checkpoint_id=path, no_dist=True)
-        set_state_dict(single, single_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        dcp_load(single, single_opt, path, no_dist=True)
         names = dict(zip([id(p) for p in single.parameters()], [n for n, _ in single.named_parameters()]))
         one = {names[id(p)]: single_opt.state[p] for p in single.parameters()}
         results["one-process"] = _same_state(saved, one)

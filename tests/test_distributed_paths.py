@@ -16,21 +16,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_harness import WORLD_SIZE, Net, half_batch, loss_of, reference_run, run_job  # noqa: E402
+from distributed_harness import OPTIMIZERS as HARNESS_OPTIMIZERS  # noqa: E402
+from distributed_harness import WORLD_SIZE, Net, dcp_load, dcp_save, half_batch, loss_of, reference_run, run_job  # noqa: E402
 
-import soap_optim  # noqa: E402
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 STEPS = 6
-OPTIMIZERS = {
-    "torch-adamw": lambda params, **kw: torch.optim.AdamW(params, lr=1e-2),
-    "soap": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, **kw),
-    "shampoo": lambda params, **kw: soap_optim.Shampoo(params, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, **kw),
-    "adamw": lambda params, **kw: soap_optim.AdamW(params, lr=1e-2, **kw),
-    "adafactor": lambda params, **kw: soap_optim.Adafactor(params, lr=1e-2, beta1=0.9, **kw),
-}
+OPTIMIZERS = {name: HARNESS_OPTIMIZERS[name] for name in ('torch-adamw', 'soap', 'shampoo', 'adamw', 'adafactor')}
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,9 +184,6 @@ def _ddp_rank0_save(rank, out_dir):
 def _after_load(mode, rank, out_dir):
     """Right after a load, before any step: consolidate_state_dict and a DCP re-save both work, and the
     re-saved checkpoint resumes bitwise."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     def build():
         if mode == "fsdp":
             return _fsdp("soap")
@@ -201,25 +192,16 @@ def _after_load(mode, rank, out_dir):
 
     model, opt = build()
     _train(model, opt, range(4), rank)
-    first = os.path.join(out_dir, f"first-{mode}")
-    model_sd, opt_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=first)
+    first, second = os.path.join(out_dir, f"first-{mode}"), os.path.join(out_dir, f"second-{mode}")
+    dcp_save(model, opt, first)
 
     loaded_model, loaded_opt = build()
-    model_sd, opt_sd = get_state_dict(loaded_model, loaded_opt)
-    state = {"model": model_sd, "optim": opt_sd}
-    dcp.load(state, checkpoint_id=first)
-    set_state_dict(loaded_model, loaded_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp_load(loaded_model, loaded_opt, first)
     consolidated = loaded_opt.consolidate_state_dict(to=0)
-    second = os.path.join(out_dir, f"second-{mode}")
-    model_sd, opt_sd = get_state_dict(loaded_model, loaded_opt)
-    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=second)
+    dcp_save(loaded_model, loaded_opt, second)
 
     resumed, resumed_opt = build()
-    model_sd, opt_sd = get_state_dict(resumed, resumed_opt)
-    state = {"model": model_sd, "optim": opt_sd}
-    dcp.load(state, checkpoint_id=second)
-    set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp_load(resumed, resumed_opt, second)
     _train(resumed, resumed_opt, range(4, STEPS), rank)
     reference, reference_opt = reference_run(OPTIMIZERS["soap"], torch.float32, range(STEPS))
     result = _compare(resumed.module if mode == "ddp" else resumed, reference)
@@ -296,13 +278,11 @@ def _accelerate(rank, out_dir):
 
 def _dcp_save(rank, out_dir):
     """Save at 2 ranks (FSDP2, SOAP after 4 steps): the checkpoint, and the whole state to compare with."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     model, opt = _fsdp("soap")
     _train(model, opt, range(4), rank)
-    model_sd, opt_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(out_dir, "saved-at-2"))
+    dcp_save(model, opt, os.path.join(out_dir, "saved-at-2"))
     whole = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
     params = [_whole(p) for p in model.parameters()]  # a collective: every rank
     if rank == 0:
@@ -313,14 +293,10 @@ def _dcp_save(rank, out_dir):
 def _dcp_load_at_3(rank, out_dir):
     """Load the 2-rank checkpoint at 3 ranks (7-row matrices split 3/3/1): the whole state and parameters
     are the saved ones bit for bit, and training continues."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     model, opt = _fsdp("soap")
-    model_sd, opt_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": opt_sd}
-    dcp.load(state, checkpoint_id=os.path.join(out_dir, "saved-at-2"))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp_load(model, opt, os.path.join(out_dir, "saved-at-2"))
     saved = torch.load(os.path.join(out_dir, "saved-at-2.pt"), weights_only=False)
     whole = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
     same_state = _same(saved["state"], whole["state"])  # before training on: the step counts are live tensors
@@ -355,18 +331,12 @@ def job():
 @pytest.fixture(scope="module")
 def resharded(tmp_path_factory):
     """The 2-rank save, then the 3-rank load, in one directory; and the load at one process, here."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     directory = str(tmp_path_factory.mktemp("reshard"))
     saved = run_job(__name__.split(".")[-1], ["dcp-save-2"], out_dir=directory)
     loaded = run_job(__name__.split(".")[-1], ["dcp-load-3"], world_size=3, out_dir=directory)
     model = Net()
     opt = OPTIMIZERS["soap"](model.parameters())
-    model_sd, opt_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": opt_sd}
-    dcp.load(state, checkpoint_id=os.path.join(directory, "saved-at-2"), no_dist=True)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp_load(model, opt, os.path.join(directory, "saved-at-2"), no_dist=True)
     reference = torch.load(os.path.join(directory, "saved-at-2.pt"), weights_only=False)
     names = dict(zip(map(id, model.parameters()), (n for n, _ in model.named_parameters())))
     one = {

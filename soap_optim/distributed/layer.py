@@ -21,7 +21,6 @@ Checkpoints: see :mod:`.checkpoint`.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch

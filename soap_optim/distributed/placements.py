@@ -14,7 +14,7 @@ Mesh axes on which a parameter is sharded form its *shard axes*; the others are 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
