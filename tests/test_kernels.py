@@ -648,3 +648,53 @@ def test_every_kernel_configuration_compiles_for_sm90_without_spills():
                             cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert "configurations compiled for sm_90a" in result.stdout, result.stderr[-4000:]
     assert result.returncode == 0, result.stdout
+
+
+def test_tall_k_grams_go_to_cublas_by_a_shape_rule():
+    """The shape rule sends the embedding's 768 x 768 Gram over K = 50257 to torch.baddbmm (a grid of 78
+    programs on 132 SMs), keeps square and small-K Grams on the kernel; the routed path is the twin."""
+    from soap_optim.kernels import factor_ema
+
+    assert factor_ema.prefers_cublas(1, 768, 50257)
+    assert not factor_ema.prefers_cublas(1, 768, 3072)  # a transformer weight's factor
+    assert not factor_ema.prefers_cublas(12, 768, 50257)  # a bucket of 12 fills the GPU: 936 programs
+    gen = _generator("tall-k")
+    g = torch.randn(1, 40, 400, generator=gen)
+    assert factor_ema.prefers_cublas(1, 40, 400)
+    left, expected = torch.randn(1, 40, 40, generator=gen), None
+    expected = left.clone()
+    twin.factor_ema_(expected, None, g, 0.9)
+    factor_ema.factor_ema_impl(left, None, g, 0.9, route_to_cublas=True)
+    assert torch.equal(left, expected)
+
+
+_CONFIG_RULES = """
+import triton
+import soap_optim.kernels._triton_common as common
+from soap_optim.kernels import adam, factor_ema, rotate_adam, unrotate_apply
+assert not common.INTERPRETED
+for kernel in (common._matmul_kernel, rotate_adam._rotate_adam_kernel, unrotate_apply._unrotate_apply_kernel,
+               unrotate_apply._apply_normalized_kernel, factor_ema._gram_ema_kernel, adam._adam_kernel):
+    assert isinstance(kernel, triton.runtime.jit.JITFunction), f"{kernel} is tuned by timing"
+for precision in ("fp32", "tf32x3", "tf32", "bf16"):
+    allowed = common.compiled_matmul_configs(precision)
+    for batch, m, n in [(1, 1, 1), (1, 768, 768), (4, 768, 3072), (64, 64, 64), (1, 50257, 768)]:
+        first = common.matmul_config(batch, m, n, precision)
+        assert first is common.matmul_config(batch, m, n, precision) and first in allowed
+        print(precision, batch, m, n, first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps)
+print("RULES OK")
+"""
+
+
+def test_tiles_are_chosen_by_shape_rules_not_by_timing():
+    """No kernel is autotuned (a timing-based pick can differ between ranks and runs, and the tile sets the
+    summation order); the compiled launchers' tile is a function of the shape and precision alone."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _CONFIG_RULES], env=env, cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "RULES OK" in result.stdout, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line and line[0] in "ftb"]
+    tiles = {(r[0], int(r[1]), int(r[2]), int(r[3])): (int(r[4]), int(r[5])) for r in rows}
+    assert all(tile == (64, 64) for key, tile in tiles.items() if key[0] == "fp32")  # the spill-free fp32 tile
+    assert tiles[("tf32x3", 4, 768, 3072)] == (128, 64) and tiles[("tf32x3", 1, 768, 768)] == (64, 64)
