@@ -698,3 +698,14 @@ def test_tiles_are_chosen_by_shape_rules_not_by_timing():
     tiles = {(r[0], int(r[1]), int(r[2]), int(r[3])): (int(r[4]), int(r[5])) for r in rows}
     assert all(tile == (64, 64) for key, tile in tiles.items() if key[0] == "fp32")  # the spill-free fp32 tile
     assert tiles[("tf32x3", 4, 768, 3072)] == (128, 64) and tiles[("tf32x3", 1, 768, 768)] == (64, 64)
+
+
+def test_groups_on_several_devices_never_start_the_kernels():
+    """The kernels' eligibility is decided for the whole group before anything runs: a group spread over
+    two devices is refused by fused=True and takes the twins by default (a launch refused by the second
+    device's tensors would otherwise come after the first device's were updated)."""
+    from soap_optim import dispatch
+
+    tensors = [torch.zeros(3), torch.zeros(3, device="meta")]
+    assert "spans" in dispatch.fused_problem(tensors, torch.float32)
+    assert not dispatch.wants_kernels(None, tensors)
