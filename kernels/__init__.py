@@ -14,6 +14,10 @@ merged 2-D layout), with a basis of ``None`` meaning the identity on that side:
 * ``adam_(params, grads, exp_avg, exp_avg_sq, *, beta1, beta2, eps, step_size, denom_scale, decay,
   decay_first)``: elementwise Adam on a list of tensors.
 
+``precision`` (``PRECISIONS``: "fp32", "tf32x3", "tf32", "bf16") says how the operands of the rotation
+products are rounded; the twins round them exactly as the kernels do (see ``reference``). Tiles are
+chosen by shape rules, never by timing, so every process computes the same bits.
+
 ``get_ops(fused)`` returns the four as a namespace, from Triton (``fused=True``) or from the twins in
 ``reference``. Triton is optional: it is imported only when fused ops are requested. On CPU tensors the
 fused ops run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported).

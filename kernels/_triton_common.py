@@ -76,12 +76,14 @@ def check_matrix_size(*tensors) -> None:
 def dot_precisions(precision: str):
     """(PRECISION, DOT_PRECISION) constexprs for a user-facing precision.
 
-    PRECISION says how operands are cast before ``tl.dot``; DOT_PRECISION is ``tl.dot``'s
-    input_precision for float32 operands ("ieee": true fp32 products; "tf32": tensor cores).
+    PRECISION says how operands are prepared before ``tl.dot`` (see ``dot_operand``); DOT_PRECISION is
+    ``tl.dot``'s input_precision for float32 operands: "ieee" (true fp32 products on CUDA cores) for
+    "fp32", "tf32" (tensor cores) for "tf32" and "tf32x3", whose operands are already rounded to TF32
+    values, so the hardware's truncation of the low mantissa bits is exact.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision, ("tf32" if precision == "tf32" else "ieee")
+    return precision, ("tf32" if precision in ("tf32", "tf32x3") else "ieee")
 
 
 def strides(tensor: torch.Tensor):
@@ -89,35 +91,52 @@ def strides(tensor: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- tile configs
-def matmul_configs():
-    """Candidate tiles for the batched products and their fused epilogues.
+# Streaming multiprocessors of an H100 SXM: a launch of fewer programs than this leaves SMs idle.
+_SM_COUNT = 132
 
-    Not yet measured on a GPU: these are the usual starting points for Hopper-class GPUs, 64-128
-    wide tiles with 32-deep K steps; the largest compiles for sm_90 without register spills on the
-    fp32 "ieee" path (CUDA cores), the one with the most live registers (see the sm_90 compile test).
-    The autotuner picks per shape. Under the interpreter a single small tile keeps the tests fast and exercises the edge
+
+# 64 x 64 tiles with 8 warps: the only tile of the fp32 ("ieee", CUDA-core) products without register
+# spills in every epilogue on sm_90a (with 4 warps the rotate epilogue spills 72 B per thread; any
+# 128-wide tile spills 24-1300 B). The tensor-core precisions also compile spill-free at 128 x 64 with 8
+# warps, taken when a bucket still gives a full wave of programs. Compiled and counted by
+# ``benchmarks/kernel_spills.py``; not yet timed on a GPU.
+_SMALL_TILE = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3)
+_LARGE_TILE = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3)
+
+
+def compiled_matmul_configs(precision: str):
+    """Every tile ``matmul_config`` can pick on a GPU for the products at ``precision``."""
+    return [_SMALL_TILE] if precision == "fp32" else [_SMALL_TILE, _LARGE_TILE]
+
+
+_INTERPRETED_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1)
+
+
+def matmul_config(batch: int, rows: int, cols: int, precision: str):
+    """The tile of a [batch, rows, cols] output, by a shape rule: every rank and every run picks the same
+    tile for the same shape, hence computes the same bits (autotuning by timing could pick differently
+    per process, and the tile sets the summation order).
+
+    The larger tile where the precision allows it and the bucket still gives a full wave of programs,
+    else the smaller one. Under the interpreter one 16-wide tile keeps tests fast and exercises edge
     masks on tiny shapes (GROUP_M=2 also exercises a partial last group).
     """
     if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1)]
-    shapes = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (64, 64, 32, 4, 3),
-        (128, 64, 32, 4, 3),
-        (64, 128, 32, 4, 3),
-        (128, 128, 32, 8, 3),
-        (128, 128, 64, 8, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+        return _INTERPRETED_CONFIG
+    configs = compiled_matmul_configs(precision)
+    large = configs[-1]
+    tiles = triton.cdiv(rows, large.kwargs["BLOCK_M"]) * triton.cdiv(cols, large.kwargs["BLOCK_N"])
+    return large if batch * tiles >= _SM_COUNT else configs[0]
 
 
-def smallest_tile():
-    """(BLOCK_M, BLOCK_N) of the smallest candidate: sizes buffers that hold one value per tile."""
-    configs = matmul_configs()
-    return min(c.kwargs["BLOCK_M"] for c in configs), min(c.kwargs["BLOCK_N"] for c in configs)
+def launch_options(config):
+    """The constexprs and launch options of ``config`` as keyword arguments of a kernel launch.
+
+    Floating-point contraction is off, whatever Triton's default (on up to 3.9, off from 3.10): an
+    epilogue such as beta m + (1 - beta) g then rounds each product and sum as the twin does, on every
+    Triton version (the products' own accumulation is a fused multiply-add by construction).
+    """
+    return dict(**config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
 
 
 # --------------------------------------------------------------------------- tile helpers
@@ -152,18 +171,34 @@ def cast_rne(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def round_tf32(x):
+    """float32 ``x`` rounded to the nearest TF32 value (10 mantissa bits, ties to even; Inf and NaN kept).
+
+    Done on the bits, so the interpreter (whose dot ignores input_precision) computes the same operands
+    as the GPU, and the rounding is to nearest: a tensor core fed raw float32 registers truncates.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + ((bits >> 13) & 1) + 0xFFF) & 0xFFFFE000
+    special = (bits & 0x7F800000) == 0x7F800000
+    return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dot_operand(x, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """``x`` cast to what ``tl.dot`` should consume for PRECISION.
 
-    "bf16": rounded to bfloat16 (fp32 accumulation). "native": left in its 16-bit dtype; a product of
-    two bf16 or two fp16 values is exact in fp32, so this is fp32 math at tensor-core speed. Otherwise
-    float32. The interpreter's dot multiplies the raw bit patterns of bfloat16 tensors, so there the
-    rounded values are widened back to float32 first (numerically the same product).
+    "bf16": rounded to bfloat16 (fp32 accumulation). "tf32": rounded to TF32 (to nearest). "native":
+    left in its 16-bit dtype; a product of two bf16 or two fp16 values is exact in fp32, so this is fp32
+    math at tensor-core speed. Otherwise float32. The interpreter's dot multiplies the raw bit patterns
+    of bfloat16 tensors, so there the rounded values are widened back to float32 first (numerically the
+    same product).
     """
     if PRECISION == "bf16":
         y = cast_rne(x, tl.bfloat16, INTERPRETED)
         if INTERPRETED:
             y = y.to(tl.float32)
+    elif PRECISION == "tf32":
+        y = round_tf32(x.to(tl.float32))
     elif PRECISION == "native":
         y = x
         if INTERPRETED:
@@ -171,6 +206,32 @@ def dot_operand(x, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     else:
         y = x.to(tl.float32)
     return y
+
+
+@triton.jit
+def dot_accumulate(a, b, acc, PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + a @ b with operands prepared for PRECISION.
+
+    "tf32x3": each float32 operand is split into a TF32 value and a TF32 remainder, x = hi + lo with
+    |lo| <= 2^-11 |x|, and three tensor-core products hi lo + lo hi + hi hi are summed (the dropped
+    lo lo is below 2^-22 relative): float32 accuracy at tensor-core speed.
+    """
+    if PRECISION == "tf32x3":
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        a_hi = round_tf32(a)
+        b_hi = round_tf32(b)
+        a_lo = round_tf32(a - a_hi)
+        b_lo = round_tf32(b - b_hi)
+        acc = tl.dot(a_lo, b_hi, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a_hi, b_lo, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a_hi, b_hi, acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(
+            dot_operand(a, PRECISION, INTERPRETED), dot_operand(b, PRECISION, INTERPRETED), acc,
+            input_precision=DOT_PRECISION,
+        )
+    return acc
 
 
 @triton.jit
@@ -192,12 +253,7 @@ def matmul_tile(
         k_ok = (k0 + ks) < K
         a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
-        acc = tl.dot(
-            dot_operand(a, PRECISION, INTERPRETED),
-            dot_operand(b, PRECISION, INTERPRETED),
-            acc,
-            input_precision=DOT_PRECISION,
-        )
+        acc = dot_accumulate(a, b, acc, PRECISION, DOT_PRECISION, INTERPRETED)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -226,7 +282,6 @@ def product_tile(
 
 
 # --------------------------------------------------------------------------- first stage: C = A @ B
-@triton.autotune(configs=matmul_configs(), key=["M", "N", "K", "PRECISION"])
 @triton.jit
 def _matmul_kernel(
     a_ptr, stride_ab, stride_am, stride_ak,
@@ -250,9 +305,9 @@ def _matmul_kernel(
     tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty, INTERPRETED), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def tile_grid(batch: int, rows: int, cols: int):
+def tile_grid(batch: int, rows: int, cols: int, config):
     """Launch grid of a [batch, rows, cols] output: (tiles of one matrix, batch)."""
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), batch)
+    return (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]), batch)
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
@@ -267,8 +322,9 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Te
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     out = torch.empty((batch, m, n), dtype=dtype, device=a.device)
     prec, dot_prec = dot_precisions(precision)
-    _matmul_kernel[tile_grid(batch, m, n)](
+    config = matmul_config(batch, m, n, precision)
+    _matmul_kernel[tile_grid(batch, m, n, config)](
         a, *strides(a), b, *strides(b), out, *strides(out), m, n, k,
-        PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED,
+        PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED, **launch_options(config),
     )
     return out

@@ -30,19 +30,52 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import INTERPRETED, check_devices, check_float32, check_matrix_size, matmul_tile
+from . import reference
+from ._triton_common import (
+    _SM_COUNT,
+    INTERPRETED,
+    check_devices,
+    check_float32,
+    check_matrix_size,
+    launch_options,
+    matmul_tile,
+)
 from .reference import check_factor_args
 
+# A Gram matrix with K at least this many times its size D goes to cuBLAS when the kernel's upper-tile
+# grid would not fill the GPU: the kernel gives each program one tile and the whole K loop, while
+# cuBLAS splits K across programs. The embedding's 768 x 768 Gram from K = 50257 is 78 programs of
+# 64 x 64 on 132 SMs, each running a 50257-long loop.
+_TALL_K_RATIO = 8
 
-def gram_configs():
-    """Square tiles (the mirror of a tile must be a tile). Not measured on a GPU; see matmul_configs."""
-    if INTERPRETED:
-        return [triton.Config({"BLOCK": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    ]
+
+def compiled_gram_configs():
+    """Square tiles (the mirror of a tile must be a tile) the launcher can pick on a GPU: 64 x 64 with 8
+    warps, the one without register spills on sm_90a for every operand dtype (with 4 warps the float32
+    upper-triangle kernel spills 24 B per thread, 128-wide tiles 12-990 B; ``benchmarks/kernel_spills.py``)."""
+    return [triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3)]
+
+
+_INTERPRETED_GRAM = triton.Config({"BLOCK": 16, "BLOCK_K": 16}, num_warps=1)
+
+
+def _upper_tiles(dim: int, block: int) -> int:
+    tiles = triton.cdiv(dim, block)
+    return tiles * (tiles + 1) // 2
+
+
+def gram_config(batch: int, dim: int):
+    """The tile for a bucket of D x D Grams: fixed (same shape, same tile, same bits on every rank and
+    run); the single-entry list of ``compiled_gram_configs`` leaves room for a shape rule."""
+    del batch, dim
+    return _INTERPRETED_GRAM if INTERPRETED else compiled_gram_configs()[0]
+
+
+def prefers_cublas(batch: int, dim: int, k: int) -> bool:
+    """Whether a bucket of D x D Grams over K is better done by cuBLAS (``torch.baddbmm``): a tall K on
+    a grid of the kernel's smallest tiles too small to fill the GPU."""
+    block = compiled_gram_configs()[0].kwargs["BLOCK"]
+    return k >= _TALL_K_RATIO * dim and batch * _upper_tiles(dim, block) < _SM_COUNT
 
 
 @triton.jit
@@ -66,7 +99,6 @@ def _upper_tile(pid):
     return pid - col * (col + 1) // 2, col
 
 
-@triton.autotune(configs=gram_configs(), key=["D", "K", "PRECISION"], restore_value=["f_ptr"])
 @triton.jit
 def _gram_ema_kernel(
     x_ptr, stride_xb, stride_xd, stride_xk,
@@ -108,28 +140,36 @@ def _gram_ema(factor: torch.Tensor, x: torch.Tensor, beta: float, upper_only: bo
     if batch == 0 or dim == 0:
         return  # (k == 0 is a valid launch: the Gram is 0 and F is only scaled)
     precision = "native" if x.dtype in (torch.bfloat16, torch.float16) else "fp32"
-    if upper_only:
-        grid = lambda meta: (triton.cdiv(dim, meta["BLOCK"]) * (triton.cdiv(dim, meta["BLOCK"]) + 1) // 2, batch)
-    else:
-        grid = lambda meta: (triton.cdiv(dim, meta["BLOCK"]) ** 2, batch)
+    config = gram_config(batch, dim)
+    block = config.kwargs["BLOCK"]
+    grid = (_upper_tiles(dim, block) if upper_only else triton.cdiv(dim, block) ** 2, batch)
     _gram_ema_kernel[grid](
         x, x.stride(0), x.stride(1), x.stride(2),
         factor, factor.stride(0), factor.stride(1), factor.stride(2),
         dim, k, float(beta),
         ACCUMULATE=beta == 1.0, UPPER_ONLY=upper_only, PRECISION=precision, INTERPRETED=INTERPRETED,
+        **launch_options(config),
     )
 
 
-def factor_ema_impl(left, right, grad, beta, *, upper_only: bool = True) -> None:
-    """factor_ema_ with the symmetry switch exposed (the benchmark times both settings)."""
+def factor_ema_impl(left, right, grad, beta, *, upper_only: bool = True, route_to_cublas: bool = True) -> None:
+    """factor_ema_ with the symmetry switch exposed (the benchmark times both settings).
+
+    ``route_to_cublas``: Grams that ``prefers_cublas`` picks run as ``torch.baddbmm`` (the twin, at IEEE
+    float32); off under the interpreter, whose tests are about the kernel.
+    """
     check_factor_args(left, right, grad, beta)
     check_devices(left, right, grad)
     check_float32(left=left, right=right)
     check_matrix_size(grad, left, right)
-    if left is not None:
-        _gram_ema(left, grad, beta, upper_only)
-    if right is not None:
-        _gram_ema(right, grad.mT, beta, upper_only)
+    batch, m, n = grad.shape
+    for factor, x, dim, k in ((left, grad, m, n), (right, grad.mT, n, m)):
+        if factor is None:
+            continue
+        if route_to_cublas and prefers_cublas(batch, dim, k):
+            reference.factor_ema_(factor, None, x, beta)
+        else:
+            _gram_ema(factor, x, beta, upper_only)
 
 
 def factor_ema_(
@@ -140,4 +180,4 @@ def factor_ema_(
     ``beta == 1`` accumulates: L <- L + G G^T. Either factor may be None. Same contract as
     ``reference.factor_ema_``; factors must be float32.
     """
-    factor_ema_impl(left, right, grad, beta)
+    factor_ema_impl(left, right, grad, beta, route_to_cublas=not INTERPRETED)

@@ -10,10 +10,18 @@ product), the kernels with one launch per stage over a (tiles, B) grid. A basis 
 identity on that side (an axis without a factor).
 
 Precision: all math is done in float32 (float64 when the moments are float64, which only the twins
-accept). ``precision`` picks the inputs of the rotation products: ``"fp32"``; ``"tf32"``, identical to
-``"fp32"`` here (TF32 is a tensor-core input format the twin has no reason to emulate); ``"bf16"``,
-emulated by rounding both inputs of every product to bfloat16 and back, accumulating in float32 like
-the kernels do. Within one op the products run in the same order as in the kernels (the right basis
+accept), with every product at IEEE float32 whatever the user's global matmul settings
+(``soap_optim.precision``). ``precision`` picks how the operands of the rotation products are rounded,
+and the twins round exactly as the kernels do, so both paths multiply the same numbers:
+
+* ``"fp32"``: float32 operands, float32 products (CUDA cores in the kernels);
+* ``"tf32x3"``: each operand split into a TF32 value and a TF32 remainder, three TF32 products summed
+  (tensor cores; float32-level accuracy, relative error ~2^-22 per product);
+* ``"tf32"``: operands rounded to TF32 (10 mantissa bits, to nearest even), one product;
+* ``"bf16"``: operands rounded to bfloat16 (to nearest even), one product.
+
+Products of TF32 or bf16 values are exact in float32, so the two paths differ only by the order of the
+float32 sums. Within one op the products run in the same order as in the kernels (the right basis
 first), so that the rounding of the intermediate product matches.
 """
 from __future__ import annotations
@@ -23,8 +31,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..moment_math import first_moment_ema_, foreach_first_moment_ema_
+from ..precision import full_float32_matmul
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32x3", "tf32", "bf16")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Moments, factors and bases: float32 in the kernels; float64 is accepted by the twins only.
 _STATE_DTYPES = (torch.float32, torch.float64)
@@ -139,17 +148,37 @@ def check_adam_args(params, grads, exp_avg, exp_avg_sq, step_size) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest TF32 value (10 mantissa bits, ties to even; Inf and NaN kept), as a
+    float32 tensor: the kernels' ``round_tf32`` on the same bits."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (bits + ((bits >> 13) & 1) + 0xFFF) & 0xFFFFE000
+    bits = torch.where((bits & 0x7F800000) == 0x7F800000, bits, rounded)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32).view(x.shape)
+
+
 def _rounded(x: torch.Tensor, precision: str) -> torch.Tensor:
-    """An input of a rotation product as the kernels see it (bf16: rounded to bfloat16)."""
-    return x.to(torch.bfloat16).to(x.dtype) if precision == "bf16" else x
+    """An input of a rotation product as the kernels see it (bf16/tf32: rounded to nearest)."""
+    if precision == "bf16":
+        return x.to(torch.bfloat16).to(x.dtype)
+    if precision == "tf32":
+        return round_tf32(x).to(x.dtype)
+    return x
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """[B, m, k] @ [B, k, n] (bmm directly: matmul would add broadcasting views around it)."""
+    if precision == "tf32x3":
+        a_hi, b_hi = round_tf32(a), round_tf32(b)
+        a_lo, b_lo = round_tf32(a.float() - a_hi), round_tf32(b.float() - b_hi)
+        # the kernels' three tensor-core products, small terms first
+        product = torch.bmm(a_lo, b_hi).add_(torch.bmm(a_hi, b_lo)).add_(torch.bmm(a_hi, b_hi))
+        return product.to(torch.promote_types(a.dtype, b.dtype))
     return torch.bmm(_rounded(a, precision), _rounded(b, precision))
 
 
 # --------------------------------------------------------------------------- the four ops
+@full_float32_matmul()
 def factor_ema_(
     left: Optional[torch.Tensor], right: Optional[torch.Tensor], grad: torch.Tensor, beta: float
 ) -> None:
@@ -167,6 +196,7 @@ def factor_ema_(
         factor.baddbmm_(a, b, beta=beta, alpha=1.0 - beta if beta != 1.0 else 1.0)
 
 
+@full_float32_matmul()
 def rotate_adam_(
     grad: torch.Tensor,
     q_left: Optional[torch.Tensor],
@@ -197,6 +227,7 @@ def rotate_adam_(
     return torch.div(exp_avg, denom, out=denom)
 
 
+@full_float32_matmul()
 def unrotate_apply_(
     direction: torch.Tensor,
     q_left: Optional[torch.Tensor],
@@ -224,8 +255,8 @@ def unrotate_apply_(
     else:
         scalar, per_matrix = 1.0, step_size.to(dtype).view(-1, 1, 1)
     target = params if params.dtype == dtype else params.to(dtype)
-    if normalize or precision == "bf16" or (q_left is None and q_right is None):
-        # explicit U (normalize needs its RMS; bf16 rounds N itself, as the kernels do)
+    if normalize or precision != "fp32" or (q_left is None and q_right is None):
+        # explicit U (normalize needs its RMS; rounded operands round N itself, as the kernels do)
         update = direction
         if q_right is not None:
             update = _matmul(update, q_right.to(dtype).mT, precision)

@@ -25,7 +25,8 @@ from ._triton_common import (
     check_float32,
     check_matrix_size,
     dot_precisions,
-    matmul_configs,
+    launch_options,
+    matmul_config,
     product_tile,
     strides,
     tile_coords,
@@ -37,16 +38,11 @@ from .reference import check_rotate_args
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
-@triton.autotune(
-    configs=matmul_configs(), key=["M", "N", "K", "HAS_A", "PRECISION"], restore_value=["m_ptr", "v_ptr"]
-)
 @triton.jit
 def _rotate_adam_kernel(
     a_ptr, stride_ab, stride_am, stride_ak,
     b_ptr, stride_bb, stride_bk, stride_bn,
-    m_ptr, stride_mb, stride_mm, stride_mn,
-    v_ptr, stride_vb, stride_vm, stride_vn,
-    d_ptr, stride_db, stride_dm, stride_dn,
+    m_ptr, v_ptr, d_ptr,
     M, N, K,
     beta1, beta2, eps,
     HAS_A: tl.constexpr,
@@ -63,21 +59,22 @@ def _rotate_adam_kernel(
         rows, cols, M, N, K,
         HAS_A, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_PRECISION, INTERPRETED,
     )
-    # Epilogue: Adam's moments in the eigenbasis, on the fp32 accumulator.
+    # Epilogue: Adam's moments in the eigenbasis, on the fp32 accumulator. exp_avg, exp_avg_sq and the
+    # direction are contiguous [B, M, N] buffers, so one int32 offset tile serves all three (three
+    # tiles of 64-bit pointers held next to the accumulator spilled registers in every configuration).
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    m_ptrs = m_ptr + batch * stride_mb + rows[:, None] * stride_mm + cols[None, :] * stride_mn
-    v_ptrs = v_ptr + batch * stride_vb + rows[:, None] * stride_vm + cols[None, :] * stride_vn
-    exp_avg = beta1 * tl.load(m_ptrs, mask=mask, other=0.0) + (1.0 - beta1) * rotated
+    matrix = batch * M * N
+    offsets = rows[:, None] * N + cols[None, :]
+    exp_avg = beta1 * tl.load(m_ptr + matrix + offsets, mask=mask, other=0.0) + (1.0 - beta1) * rotated
     exp_avg = tl.minimum(tl.maximum(exp_avg, -FLOAT32_MAX), FLOAT32_MAX)  # rounding past the max, as in the twin
-    exp_avg_sq = beta2 * tl.load(v_ptrs, mask=mask, other=0.0) + (1.0 - beta2) * rotated * rotated
+    tl.store(m_ptr + matrix + offsets, exp_avg, mask=mask)
+    exp_avg_sq = beta2 * tl.load(v_ptr + matrix + offsets, mask=mask, other=0.0) + (1.0 - beta2) * rotated * rotated
     exp_avg_sq = tl.minimum(exp_avg_sq, FLOAT32_MAX)  # an overflowed square is capped, as in the twin
-    tl.store(m_ptrs, exp_avg, mask=mask)
-    tl.store(v_ptrs, exp_avg_sq, mask=mask)
+    tl.store(v_ptr + matrix + offsets, exp_avg_sq, mask=mask)
     # IEEE-rounded sqrt and division (tl.sqrt and "/" are approximate on NVIDIA GPUs): this is
     # elementwise work on a tile already in registers, so exactness costs nothing measurable.
     direction = tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps)
-    d_ptrs = d_ptr + batch * stride_db + rows[:, None] * stride_dm + cols[None, :] * stride_dn
-    tl.store(d_ptrs, direction, mask=mask)
+    tl.store(d_ptr + matrix + offsets, direction, mask=mask)
 
 
 def rotate_adam_(
@@ -95,7 +92,7 @@ def rotate_adam_(
     """G~ = Q_L^T G Q_R; Adam's moments updated in place with G~; returns exp_avg / (sqrt(exp_avg_sq) + eps).
 
     Same contract as ``reference.rotate_adam_``; bases and moments must be float32, the direction is
-    a new float32 [B, m, n] tensor.
+    a new float32 [B, m, n] tensor. Non-contiguous moments are updated through contiguous copies.
     """
     check_rotate_args(grad, q_left, q_right, exp_avg, exp_avg_sq, precision)
     check_devices(grad, q_left, q_right, exp_avg, exp_avg_sq)
@@ -115,11 +112,15 @@ def rotate_adam_(
     else:
         a, b, k = grad, grad, m  # C = G: a is unused (HAS_A off)
     prec, dot_prec = dot_precisions(precision)
-    _rotate_adam_kernel[tile_grid(batch, m, n)](
-        a, *strides(a), b, *strides(b),
-        exp_avg, *strides(exp_avg), exp_avg_sq, *strides(exp_avg_sq), direction, *strides(direction),
+    config = matmul_config(batch, m, n, precision)
+    moments = [t if t.is_contiguous() else t.contiguous() for t in (exp_avg, exp_avg_sq)]
+    _rotate_adam_kernel[tile_grid(batch, m, n, config)](
+        a, *strides(a), b, *strides(b), moments[0], moments[1], direction,
         m, n, k, float(beta1), float(beta2), float(eps),
         HAS_A=q_left is not None or q_right is not None,
-        PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED,
+        PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED, **launch_options(config),
     )
+    for target, work in zip((exp_avg, exp_avg_sq), moments):
+        if work is not target:
+            target.copy_(work)
     return direction

@@ -32,9 +32,9 @@ from ._triton_common import (
     check_float32,
     check_matrix_size,
     dot_precisions,
-    matmul_configs,
+    launch_options,
+    matmul_config,
     product_tile,
-    smallest_tile,
     strides,
     tile_coords,
     tile_grid,
@@ -50,17 +50,11 @@ def _apply_update(p_ptrs, mask, update, step_size, decay, INTERPRETED: tl.conste
     tl.store(p_ptrs, cast_rne(p, p_ptrs.dtype.element_ty, INTERPRETED), mask=mask)
 
 
-@triton.autotune(
-    configs=matmul_configs(),
-    key=["M", "N", "K", "HAS_A", "NORMALIZE", "PRECISION"],
-    restore_value=["p_ptr"],
-    reset_to_zero=["partial_ptr"],
-)
 @triton.jit
 def _unrotate_apply_kernel(
     a_ptr, stride_ab, stride_am, stride_ak,
     b_ptr, stride_bb, stride_bk, stride_bn,
-    p_ptr, stride_pb, stride_pm, stride_pn,
+    p_ptr,
     step_ptr, decay,
     u_ptr, partial_ptr, partials_per_matrix,
     M, N, K,
@@ -80,20 +74,19 @@ def _unrotate_apply_kernel(
         HAS_A, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_PRECISION, INTERPRETED,
     )
     mask = (rows[:, None] < M) & (cols[None, :] < N)
+    # U and the params are contiguous [B, M, N]: one int32 offset tile addresses either
+    offsets = rows[:, None] * N + cols[None, :]
     if NORMALIZE:
-        # U is contiguous [B, M, N]; out-of-range entries of the tile are 0 (masked loads).
-        u_ptrs = u_ptr + batch * M * N + rows[:, None] * N + cols[None, :]
-        tl.store(u_ptrs, update, mask=mask)
+        # out-of-range entries of the tile are 0 (masked loads), so they add nothing to the sum
+        tl.store(u_ptr + batch * M * N + offsets, update, mask=mask)
         tl.store(partial_ptr + batch * partials_per_matrix + pid, tl.sum(update * update))
     else:
-        p_ptrs = p_ptr + batch * stride_pb + rows[:, None] * stride_pm + cols[None, :] * stride_pn
-        _apply_update(p_ptrs, mask, update, tl.load(step_ptr + batch), decay, INTERPRETED)
+        _apply_update(p_ptr + batch * M * N + offsets, mask, update, tl.load(step_ptr + batch), decay, INTERPRETED)
 
 
 @triton.jit
 def _apply_normalized_kernel(
-    u_ptr, sum_sq_ptr,
-    p_ptr, stride_pb, stride_pm, stride_pn,
+    u_ptr, sum_sq_ptr, p_ptr,
     step_ptr, decay, M, N,
     NORMALIZE_EPS: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -102,11 +95,11 @@ def _apply_normalized_kernel(
     rows = (tl.program_id(0) // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    update = tl.load(u_ptr + batch * M * N + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    offsets = batch * M * N + rows[:, None] * N + cols[None, :]
+    update = tl.load(u_ptr + offsets, mask=mask, other=0.0)
     rms = tl.sqrt_rn(tl.load(sum_sq_ptr + batch) / (M * N))
     update = tl.div_rn(update, NORMALIZE_EPS + rms)
-    p_ptrs = p_ptr + batch * stride_pb + rows[:, None] * stride_pm + cols[None, :] * stride_pn
-    _apply_update(p_ptrs, mask, update, tl.load(step_ptr + batch), decay, INTERPRETED)
+    _apply_update(p_ptr + offsets, mask, update, tl.load(step_ptr + batch), decay, INTERPRETED)
 
 
 # Elementwise tile of the normalize pass: 64 x 64 fp32 is 16 KiB per operand per program, enough to
@@ -128,6 +121,7 @@ def unrotate_apply_(
     """U = Q_L N Q_R^T; params <- (1 - decay) (params - step_size[b] U), in place.
 
     Same contract as ``reference.unrotate_apply_``; direction, bases and step_size must be float32.
+    Non-contiguous params are updated through a contiguous copy.
     """
     check_unrotate_args(direction, q_left, q_right, params, step_size, decay, precision)
     if isinstance(step_size, float):
@@ -148,28 +142,32 @@ def unrotate_apply_(
     else:
         a, b, k = direction, direction, m  # U = N: a is unused (HAS_A off)
     step_size = step_size.contiguous()
+    config = matmul_config(batch, m, n, precision)
+    grid = tile_grid(batch, m, n, config)
     if normalize:
-        block_m, block_n = smallest_tile()
-        partials = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        partials = grid[0]
         update = torch.empty((batch, m, n), dtype=torch.float32, device=direction.device)
-        # Zeroed: a launch with larger tiles leaves the trailing entries unused.
-        partial = torch.zeros((batch, partials), dtype=torch.float32, device=direction.device)
+        partial = torch.empty((batch, partials), dtype=torch.float32, device=direction.device)
     else:
-        # Unused (NORMALIZE off), but their own memory: the autotuner zeroes partial_ptr between trials.
         partials = 0
-        update = partial = torch.empty(1, dtype=torch.float32, device=direction.device)
+        update = partial = direction  # unused (NORMALIZE off)
+    work = params if params.is_contiguous() else params.contiguous()
     prec, dot_prec = dot_precisions(precision)
-    _unrotate_apply_kernel[tile_grid(batch, m, n)](
-        a, *strides(a), b, *strides(b), params, *strides(params),
+    _unrotate_apply_kernel[grid](
+        a, *strides(a), b, *strides(b), work,
         step_size, float(decay), update, partial, partials,
         m, n, k,
         HAS_A=q_left is not None or q_right is not None, NORMALIZE=bool(normalize),
-        PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED,
+        PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED, **launch_options(config),
     )
     if normalize:
+        # a fixed-order sum over the tiles' partial sums: deterministic, unlike atomics
         sum_sq = partial.sum(dim=1)
-        grid = (triton.cdiv(m, _APPLY_BLOCK) * triton.cdiv(n, _APPLY_BLOCK), batch)
-        _apply_normalized_kernel[grid](
-            update, sum_sq, params, *strides(params), step_size, float(decay), m, n,
+        apply_grid = (triton.cdiv(m, _APPLY_BLOCK) * triton.cdiv(n, _APPLY_BLOCK), batch)
+        _apply_normalized_kernel[apply_grid](
+            update, sum_sq, work, step_size, float(decay), m, n,
             NORMALIZE_EPS=NORMALIZE_EPS, INTERPRETED=INTERPRETED, BLOCK_M=_APPLY_BLOCK, BLOCK_N=_APPLY_BLOCK,
+            enable_fp_fusion=False,
         )
+    if work is not params:
+        params.copy_(work)

@@ -24,9 +24,15 @@ def wants_kernels(fused: Optional[bool], states: Iterable[torch.Tensor]) -> bool
         return bool(fused)
     from . import kernels
 
-    # the kernels keep float32 state; float64 state (float64 parameters, or state_dtype) takes the twins
+    # the kernels keep float32 state; float64 state (float64 parameters, or state_dtype) takes the twins.
+    # Decided for the whole group before anything runs, so that no launch can fail halfway through a
+    # step: tensors spread over several devices also take the twins.
     states = list(states)
-    return all(s.is_cuda and s.dtype == torch.float32 for s in states) and kernels.triton_available()
+    return (
+        all(s.is_cuda and s.dtype == torch.float32 for s in states)
+        and len({s.device for s in states}) <= 1
+        and kernels.triton_available()
+    )
 
 
 def get_ops(fused: bool):
@@ -63,6 +69,9 @@ def fused_problem(tensors: Sequence[torch.Tensor], state_dtype: torch.dtype) -> 
         return f"the fused kernels keep float32 state, and this group's state is {state_dtype}"
     if not kernels.triton_available():
         return "Triton cannot be imported"
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        return f"the fused kernels step one device per param group, and this group spans {sorted(map(str, devices))}"
     on_cpu = [t for t in tensors if not t.is_cuda]
     if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
         return (

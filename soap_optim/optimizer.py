@@ -37,6 +37,7 @@ from .dispatch import fused_problem
 from .distributed import Distribution, make_distribution
 from .distributed import checkpoint as distributed_checkpoint
 from .gradient_check import describe
+from .precision import full_float32_matmul
 from .validation import as_number, check_bool, check_choice
 
 
@@ -375,9 +376,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if prepared is None:
             return loss
         screen, work = prepared
-        for hyper, slots in work:
-            if slots:
-                self._step_group(hyper, slots, screen)
+        with full_float32_matmul():  # the preconditioner's products ignore the user's TF32/bf16 settings
+            for hyper, slots in work:
+                if slots:
+                    self._step_group(hyper, slots, screen)
         self._distribution.scatter(self)
         for hyper, group in zip((h for h, _ in work), self.param_groups):
             for param in group["params"]:

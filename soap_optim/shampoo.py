@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .dispatch import update_factors_maybe_fused_
+from .precision import full_float32_matmul
 from .eigenbasis import (
     Plan,
     all_finite,
@@ -42,6 +43,7 @@ from .validation import (
 GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
 
 
+@full_float32_matmul()
 def inverse_root(factor: torch.Tensor, exponent: float, matrix_eps: float) -> Optional[torch.Tensor]:
     """(F + matrix_eps * lambda_max(F) * I)^(-exponent) for a symmetric PSD ``factor``.
 

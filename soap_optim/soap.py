@@ -35,8 +35,9 @@ from .validation import (
 )
 
 
-# Inputs of the rotation products on the batched/fused path; accumulation is always float32.
-ROTATION_PRECISIONS = ("fp32", "tf32", "bf16")
+# Inputs of the rotation products on the batched/fused path; accumulation is always float32
+# (soap_optim.kernels.reference says what each rounds, the README what each costs).
+ROTATION_PRECISIONS = ("fp32", "tf32x3", "tf32", "bf16")
 
 
 class SOAP(SoapOptimizerBase):
@@ -116,8 +117,10 @@ class SOAP(SoapOptimizerBase):
             PyTorch path; ``True``: Triton kernels or an error saying why they cannot run;
             ``False``: the batched PyTorch path.
         rotation_precision: inputs of the rotation products on the batched/fused path:
-            ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (float32 accumulation always). Opt-in
-            speed for large matrices on GPUs; the one-parameter path always uses ``"fp32"``.
+            ``"fp32"`` (default: float32 products), ``"tf32x3"`` (three TF32 tensor-core products,
+            float32-level accuracy), ``"tf32"`` or ``"bf16"`` (operands rounded to nearest; float32
+            accumulation always). The twins round exactly as the kernels do, and the user's global
+            matmul settings never apply. The one-parameter path always uses ``"fp32"``.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),

@@ -15,6 +15,14 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def test_cuda_runs_compiled_kernels():
+    """With a GPU, the fused path must run compiled kernels (conftest never switches the interpreter on
+    there, and no test module may: the interpreter is chosen per process)."""
+    from soap_optim.kernels import _triton_common
+
+    assert _triton_common.INTERPRETED == (DEVICE == "cpu")
+
+
 def _state_tensors(state):
     for key, value in state.items():
         for index, entry in enumerate(value if isinstance(value, list) else [value]):

@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..precision import full_float32_matmul
+
 # The jitter only matters for an exactly zero factor, where eigh then returns the identity.
 _EIGH_JITTER = 1e-30
 _warned = set()
@@ -68,6 +70,7 @@ def _orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.householder_product(reflectors, tau)
 
 
+@full_float32_matmul()
 def initial_basis(factor: torch.Tensor) -> torch.Tensor:
     """Orthonormal eigenvectors of ``factor``, eigenvalues in descending order."""
     identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
@@ -81,6 +84,7 @@ def initial_basis(factor: torch.Tensor) -> torch.Tensor:
     return vectors.flip(1)
 
 
+@full_float32_matmul()
 def refreshed_basis(factor: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """One power-iteration + QR step from ``basis``: returns (new basis, column order) or None.
 

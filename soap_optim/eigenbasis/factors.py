@@ -12,12 +12,15 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..precision import full_float32_matmul
+
 
 def unfold(x: torch.Tensor, axis: int) -> torch.Tensor:
     """The mode-``axis`` unfolding G_(axis): [x.shape[axis], everything else]."""
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
+@full_float32_matmul()
 def mode_gram(x: torch.Tensor, axis: int) -> torch.Tensor:
     """G_(axis) G_(axis)^T: the Gram matrix of the mode-``axis`` unfolding of ``x``."""
     unfolded = unfold(x, axis)
@@ -59,6 +62,7 @@ def halve_saturating_sums_(factors: Sequence[Optional[torch.Tensor]]) -> None:
             factor.mul_(torch.where(factor.diagonal().amax() > limit, 0.5, 1.0).to(factor.dtype))
 
 
+@full_float32_matmul()
 def update_factors_(
     factors: Sequence[Optional[torch.Tensor]], grad: torch.Tensor, beta: float, guard_overflow: bool = True
 ) -> None:

@@ -11,12 +11,14 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..precision import full_float32_matmul
 from .bases import refreshed_basis
 from .projection import project, project_back
 
 Orders = List[Optional[torch.Tensor]]
 
 
+@full_float32_matmul()
 def refresh_bases_(
     factors: Sequence[Optional[torch.Tensor]],
     bases: List[Optional[torch.Tensor]],

@@ -1,0 +1,168 @@
+"""Host synchronizations per step: reads of device data by the host, which make the optimizer wait for the
+GPU (for backward to finish) and leave the GPU idle meanwhile.
+
+Counted on the CPU, where every tensor is a host tensor, by following where data comes from: a
+``TorchDispatchMode`` marks the parameters, gradients and optimizer state (not the ``step`` counters,
+which live on the host as in torch.optim) as device data and every result computed from device data
+as device data too; a host read of device data is a synchronization. Host reads are what
+``.item()``, ``bool()``, ``float()`` dispatch to (``aten._local_scalar_dense``), plus ``.tolist()`` and
+``.cpu()``, which on a CPU tensor never reach the dispatcher and are therefore watched directly (on a
+GPU ``.cpu()`` is the copy that waits; the ``.tolist()`` of its host result then costs nothing, so a
+host read ends the data's device origin).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from soap_optim import SOAP, Adafactor, Adam, AdamW, Shampoo
+
+
+class HostReadCounter(TorchDispatchMode):
+    """Counts host reads of device data (see the module docstring); ``reads`` lists each read's kind."""
+
+    def __init__(self, device_tensors):
+        super().__init__()
+        self.device = WeakIdKeyDictionary()
+        for tensor in device_tensors:
+            self.device[tensor] = True
+        self.reads: List[str] = []
+
+    def _from_device(self, tensors) -> bool:
+        return any(isinstance(t, torch.Tensor) and t in self.device for t in tensors)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs, _ = tree_flatten((args, kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if self._from_device(inputs):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.reads.append("item/bool")
+            else:
+                for tensor in tree_flatten(out)[0]:
+                    if isinstance(tensor, torch.Tensor):
+                        self.device[tensor] = True
+        return out
+
+    def host_read(self, kind: str, tensor: torch.Tensor) -> bool:
+        if tensor in self.device:
+            self.reads.append(kind)
+            return True
+        return False
+
+
+@pytest.fixture
+def count_host_reads(monkeypatch):
+    """A factory: ``count_host_reads(optimizer)`` -> (context manager, counter) for one step."""
+    counters = []
+    real_tolist, real_cpu = torch.Tensor.tolist, torch.Tensor.cpu
+
+    def tolist(self):
+        for counter in counters:
+            counter.host_read(".tolist()", self)
+        return real_tolist(self)
+
+    def cpu(self, *args, **kwargs):
+        result = real_cpu(self, *args, **kwargs)
+        for counter in counters:
+            if counter.host_read(".cpu()", self) and result is self:
+                with torch.utils._python_dispatch._disable_current_modes():
+                    result = self.clone()  # a host copy: no longer device data
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+
+    def make(optimizer):
+        tensors = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                tensors.append(p)
+                if p.grad is not None:
+                    tensors.append(p.grad)
+                for key, value in optimizer.state.get(p, {}).items():
+                    if key == "step":
+                        continue
+                    for entry in tree_flatten(value)[0]:
+                        if isinstance(entry, torch.Tensor):
+                            tensors.append(entry)
+        counter = HostReadCounter(tensors)
+        counters.clear()
+        counters.append(counter)
+        return counter
+
+    yield make
+    counters.clear()
+
+
+# A small model's parameter set: a bucket of matrices, a 3-D tensor, vectors, a conv weight.
+SHAPES = [(24, 16), (24, 16), (16, 24), (4, 6, 8), (16,), (24,), (8, 3, 3, 3)]
+OPTIMIZERS = {
+    "SOAP": (SOAP, dict(precondition_frequency=3)),
+    "SOAP-one-parameter": (SOAP, dict(precondition_frequency=3, foreach=False)),
+    "Shampoo": (Shampoo, dict(precondition_frequency=3)),
+    "AdamW": (AdamW, dict()),
+    "Adam-single-tensor": (Adam, dict(foreach=False)),
+    "Adafactor": (Adafactor, dict()),
+}
+# Host reads of device data per step, as measured (first step, steps 2-5, where step 4 refreshes SOAP's
+# and Shampoo's preconditioners): the gradient screen's one read of the squared norms every step; the
+# refresh's finiteness checks of each factor and new basis (SOAP, two reads per factor) or each factor
+# (Shampoo's roots); the first step's eigh fallbacks.
+EXPECTED_PLAIN_STEP = 1
+
+
+def _run(name, count_host_reads, steps=5):
+    cls, options = OPTIMIZERS[name]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = cls(params, **options)
+    per_step = []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        counter = count_host_reads(opt)
+        with counter:
+            opt.step()
+        per_step.append(counter.reads)
+    return per_step
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_plain_steps_read_device_data_once(name, count_host_reads):
+    per_step = _run(name, count_host_reads)
+    refresh_steps = {3} if name.startswith(("SOAP", "Shampoo")) else set()  # the 4th call refreshes
+    for index, reads in enumerate(per_step):
+        if index == 0 or index in refresh_steps:
+            continue
+        assert len(reads) == EXPECTED_PLAIN_STEP, (index, reads)
+
+
+def test_the_counter_sees_item_tolist_and_bool(count_host_reads):
+    """The counter has teeth: each kind of host read of device data is counted, reads of host data
+    (the step counters) are not."""
+    param = torch.nn.Parameter(torch.randn(3))
+    param.grad = torch.randn(3)
+    opt = AdamW([param])
+    opt.step()
+    counter = count_host_reads(opt)
+    with counter:
+        derived = param.grad * 2
+        derived.sum().item()
+        derived.tolist()
+        bool(derived.abs().max() > 0)
+        derived.cpu().tolist()  # one read: the host copy is not device data
+        opt.state[param]["step"].item()  # host data
+    assert counter.reads == ["item/bool", ".tolist()", "item/bool", ".cpu()"]
+
+
+def test_report_refresh_and_first_steps(count_host_reads, capsys):
+    """Not a limit: the reads of the first and refresh steps, printed for the record (-s shows them)."""
+    for name in sorted(OPTIMIZERS):
+        per_step = _run(name, count_host_reads)
+        print(f"{name}: host reads per step {[len(r) for r in per_step]}")
+        assert all(len(r) >= 1 for r in per_step)  # the gradient screen reads every step
