@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .dispatch import get_ops, wants_kernels
-from .moment_math import adam_normalize, decay_then_update_, first_moment_ema_, foreach_first_moment_ema_
-from .optimizer import Screen, Slot, SoapOptimizerBase
+from .moment_math import first_moment_ema_, foreach_first_moment_ema_
+from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
 from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
 
 
@@ -57,9 +57,14 @@ def _single_tensor_adam_(
         if amsgrad:
             torch.maximum(max_exp_avg_sqs[index], exp_avg_sq, out=max_exp_avg_sqs[index])
             second = max_exp_avg_sqs[index]
-        direction = adam_normalize(exp_avg / (1 - beta1**t), second, 1 - beta2**t, eps)
-        decay = lr * weight_decay if decoupled_weight_decay else 0.0
-        decay_then_update_(param, direction, lr, decay)
+        # torch.optim's single-tensor AdamW, operation for operation (hence its bits): decay, then
+        # theta -= (lr / bc1) * m / (sqrt(v) / bc2 ** 0.5 + eps) in one addcdiv
+        if weight_decay != 0 and decoupled_weight_decay:
+            work.mul_(1 - lr * weight_decay)
+        denom = (second.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
+        work.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1**t)))
+        if work is not param:
+            param.copy_(work)
 
 
 def _foreach_adam_(
@@ -315,7 +320,7 @@ class Adam(SoapOptimizerBase):
         for slot in slots:
             state = slot.state
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = new_step_count()
                 state["exp_avg"] = torch.zeros_like(slot.param, dtype=slot.grad.dtype)
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 if group["amsgrad"]:

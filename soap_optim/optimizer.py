@@ -105,13 +105,79 @@ def _shape_mismatch(value: Any, expected: Any) -> Optional[str]:
     return None
 
 
+# Step counters are float64: exact for every count below 2^53. A float32 counter stops at 2^24 = 16,777,216
+# (16777216 + 1 rounds back to 16777216), after which every refresh schedule (t % f) would freeze.
+STEP_DTYPE = torch.float64
+
+
+def new_step_count() -> torch.Tensor:
+    """A fresh ``step`` counter: a 0-d CPU tensor (torch.optim's form) in :data:`STEP_DTYPE`."""
+    return torch.tensor(0.0, dtype=STEP_DTYPE)
+
+
 def _step_count(value: Any) -> torch.Tensor:
-    """A loaded ``step``: a 0-d float32 tensor whatever it was saved as (tensor, int or float)."""
+    """A loaded ``step``: a 0-d :data:`STEP_DTYPE` tensor whatever it was saved as (a tensor of one element,
+    an int or a float), after the same checks for every form: a finite whole number >= 0."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", torch.float32, copy=True).reshape(())
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"loaded state has an invalid step count: a tensor of shape {tuple(value.shape)} and dtype "
+                f"{value.dtype} (must hold one real number >= 0)"
+            )
+        number = value.item()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"loaded state has an invalid step count {value!r} (must be a number >= 0)")
-    return torch.tensor(float(value))
+    else:
+        number = value
+    if not (math.isfinite(number) and number >= 0 and float(number) == math.floor(number)):
+        raise ValueError(f"loaded state has an invalid step count {number!r} (must be a whole number >= 0)")
+    return torch.tensor(float(number), dtype=STEP_DTYPE)
+
+
+def _copy_state(value: Any) -> Any:
+    """A copy of a state entry (a tensor, or a list/tuple/dict of them) in storage of its own."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copy_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_state(v) for v in value)
+    return value
+
+
+def _views_a_larger_buffer(value: Any) -> bool:
+    """Whether a state entry (or a tensor in a list of them) is a view of a larger tensor (a row of a
+    bucket's stacked buffer), which it keeps alive whole."""
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage().nbytes() > value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return any(_views_a_larger_buffer(v) for v in value)
+    return False
+
+
+class _Rollback:
+    """What undoes a step whose math raised (out of memory included): "whole or not at all" also then.
+
+    Taken after every check passed, before the math runs: the parameters about to be stepped and the
+    state of each (a copy; an empty state is only noted). Undoing puts the values back and empties the
+    states the failed step created, so that a half-built first state (factors without bases) can never be
+    stepped on. The copy is transient: it lives for the duration of the step.
+    """
+
+    def __init__(self, work: Sequence[Tuple[Dict[str, Any], List["Slot"]]]) -> None:
+        slots = [slot for _, group_slots in work for slot in group_slots]
+        self._fresh = [slot.state for slot in slots if not slot.state]
+        self._states = [(slot.state, _copy_state(dict(slot.state))) for slot in slots if slot.state]
+        self._params = [(slot.param, slot.param.clone()) for slot in slots]
+
+    def undo(self) -> None:
+        for state in self._fresh:
+            state.clear()
+        for state, saved in self._states:
+            state.clear()
+            state.update(saved)
+        for param, saved in reversed(self._params):  # reversed: of two slots on one storage, the first copy wins
+            param.copy_(saved)
 
 
 # ||G||_F above this (float32) may overflow a Gram matrix entry or its EMA (see without_overflowing_grams)
@@ -146,8 +212,36 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             group.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_distribution", make_distribution(None))
         self.__dict__.setdefault("_warned_skip", False)
-        self.__dict__.setdefault("_layouts", {})
+        if "_layouts" not in state:  # a copy made before the records travelled with it: rebuild them
+            self._layouts = self._current_layouts()
         self.__dict__.setdefault("_limits", {})
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # the layout records travel with the state they describe (deepcopy, pickle, torch.save of the
+        # optimizer), so that a copy refuses a layout change exactly as the original does
+        return {**super().__getstate__(), "_layouts": self._layouts}
+
+    def _current_layouts(self) -> Dict[torch.Tensor, Tuple[str, ...]]:
+        """Layout records for the state as it is, under the groups' current options."""
+        layouts = {}
+        for group in self.param_groups:
+            hyper = {key: as_number(value) for key, value in group.items() if key != "params"}
+            for param in group["params"]:
+                if self.state.get(param):
+                    layouts[param] = self._layout_key(hyper, param)
+        return layouts
+
+    def _prune_layouts(self) -> None:
+        """Keep only the records of parameters that are in a param group and have state: the records
+        follow ``self.state`` and ``param_groups`` (``state.pop(p)``, ``opt.state = defaultdict(dict)``,
+        a parameter removed from its group), so that a state rebuilt from nothing may take a new layout and
+        a removed parameter (and its ``.grad``) is not kept alive by them."""
+        if not self._layouts:
+            return
+        live = {id(param) for group in self.param_groups for param in group["params"]}
+        self._layouts = {
+            param: key for param, key in self._layouts.items() if id(param) in live and self.state.get(param)
+        }
 
     def _own_defaults(self) -> Dict[str, Any]:
         """This optimizer's defaults, without the keys torch.optim adds for itself (``differentiable``)."""
@@ -212,8 +306,15 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         return float(math.prod(shape))
 
     def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
-        """The largest gradient Frobenius norm the math can take in ``dtype`` without overflowing."""
-        return math.inf
+        """The largest gradient Frobenius norm the math can take in ``dtype`` without overflowing; a larger
+        one raises ``FloatingPointError`` (or skips the step under ``skip_nonfinite_grads``), nothing modified.
+
+        Default: sqrt(max) / 2 (9.2e18 in float32), for a second moment v = EMA(g^2) of the gradient's (or
+        rotated gradient's) entries, each at most ||G||_F. Above sqrt(max), g^2 overflows: v would be capped
+        at the dtype's max (or be inf), m / sqrt(v) would no longer be about 1, and a constant gradient of
+        1e25 would move a parameter by 1e2 in 5 steps at lr 1e-3. The factor 2 leaves room for the rounding
+        of a rotation. Optimizers whose step is bounded whatever the gradient return inf."""
+        return math.sqrt(torch.finfo(dtype).max) / 2
 
     # ----------------------------------------------------------------- step
     def _layout_options(self, hyper: Dict[str, Any]) -> Tuple[str, ...]:
@@ -242,6 +343,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         """Everything that can fail, before anything is modified: the groups to step and their slots,
         or None when the step is skipped (non-finite gradients under ``skip_nonfinite_grads``)."""
         name = type(self).__name__
+        self._prune_layouts()
         hypers = [self._check_group(group) for group in self.param_groups]
         for hyper, group in zip(hypers, self.param_groups):
             self._check_can_step(hyper, [p for p in group["params"] if p.grad is not None])
@@ -258,7 +360,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             effective = []
             options = self._layout_options(hyper)
             for item in items:
-                if item.param in self._layouts:
+                if self._layouts.get(item.param) is not None:
                     self._check_layout(
                         options, item.param,
                         lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
@@ -344,9 +446,11 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if bad.get(first, False):
             reason = f"non-finite gradient (NaN or Inf, in the state's dtype) for {where}"
         else:
+            dtype = state_dtype(param, hypers[group_index])
             reason = (
-                f"gradient too large for {where}: its norm {math.sqrt(values[first]):.3e} is above what "
-                f"{type(self).__name__} can rotate in {state_dtype(param, hypers[group_index])} without overflow"
+                f"gradient too large for {where}: its norm {math.sqrt(values[first]):.3e} is above "
+                f"{self._max_grad_norm(param.shape, hypers[group_index], dtype):.3e}, the largest "
+                f"{type(self).__name__} can step in {dtype} without overflow"
             )
         skip = all(
             hypers[self._distribution.locate(self.param_groups, i)[0]]["skip_nonfinite_grads"] for i in problems
@@ -376,10 +480,17 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if prepared is None:
             return loss
         screen, work = prepared
-        with full_float32_matmul():  # the preconditioner's products ignore the user's TF32/bf16 settings
-            for hyper, slots in work:
-                if slots:
-                    self._step_group(hyper, slots, screen)
+        rollback = _Rollback(work)
+        try:
+            with full_float32_matmul():  # the preconditioner's products ignore the user's TF32/bf16 settings
+                for hyper, slots in work:
+                    if slots:
+                        self._step_group(hyper, slots, screen)
+        except BaseException:
+            rollback.undo()
+            raise
+        del rollback
+        self._release_idle_buffers(work)
         self._distribution.scatter(self)
         for hyper, group in zip((h for h, _ in work), self.param_groups):
             for param in group["params"]:
@@ -389,6 +500,28 @@ class SoapOptimizerBase(torch.optim.Optimizer):
 
     def _step_group(self, hyper: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         raise NotImplementedError
+
+    def _release_idle_buffers(self, work) -> None:
+        """Give the state of every parameter not stepped this time storage of its own where it is a view
+        of a larger buffer (a row of a bucket's stacked buffer, see :mod:`soap_optim.buckets`).
+
+        A bucket whose membership changes (a parameter without a gradient: mixture-of-experts routing,
+        LayerDrop, frozen layers) is re-stacked into a new buffer holding only this step's members; the
+        others' rows would keep the old buffer alive whole (up to 4x the state's own bytes, and as much in
+        a saved state dict). One copy per parameter and membership change; a parameter that stays idle
+        holds its own storage from then on and costs a few attribute reads per step.
+        """
+        stepped = {id(slot.state) for _, slots in work for slot in slots}
+        if len(stepped) == sum(len(group["params"]) for group in self.param_groups):
+            return
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or id(state) in stepped:
+                    continue
+                for key, value in state.items():
+                    if _views_a_larger_buffer(value):
+                        state[key] = _copy_state(value)
 
     # ----------------------------------------------------------------- state_dict
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
