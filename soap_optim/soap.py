@@ -21,7 +21,7 @@ from .eigenbasis import (
     without_overflowing_grams,
     zero_factors,
 )
-from .buckets import flat_state, stacked_state
+from .buckets import flat_state, own_storage, stacked_state
 from .dispatch import get_ops, resolve_ops
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
 from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
@@ -542,6 +542,8 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> 
     )
     if len(items) == 1:
         item = items[0]
+        own_storage([item.state], "exp_avg")  # out of a flat buffer that other members have left
+        own_storage([item.state], "exp_avg_sq")
         ops.adam_(item.param, item.grad, item.state["exp_avg"], item.state["exp_avg_sq"], **kwargs)
         return
     states = [item.state for item in items]
