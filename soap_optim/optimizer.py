@@ -158,15 +158,18 @@ def _views_a_larger_buffer(value: Any) -> bool:
 class _Rollback:
     """What undoes a step whose math raised (out of memory included): "whole or not at all" also then.
 
-    Taken after every check passed, before the math runs: the parameters about to be stepped and the
-    state of each (a copy; an empty state is only noted). Undoing puts the values back and empties the
-    states the failed step created, so that a half-built first state (factors without bases) can never be
-    stepped on. The copy is transient: it lives for the duration of the step.
+    Taken after every check passed, before the math runs. The states the step creates are noted (they are
+    empty now): undoing empties them again, so that a half-built first state (SOAP's factors without
+    bases: its first step is its memory peak) is never stepped on. For a group whose math may fail after
+    it began modifying tensors, the parameters about to be stepped and their state are copied, and undoing
+    puts the values back; the copy lives for the duration of the step (transient memory: those
+    parameters and their state once more). A group whose math allocates everything before it modifies
+    anything (``_math_allocates_first``: Adam's PyTorch paths) needs no copy.
     """
 
-    def __init__(self, work: Sequence[Tuple[Dict[str, Any], List["Slot"]]]) -> None:
-        slots = [slot for _, group_slots in work for slot in group_slots]
-        self._fresh = [slot.state for slot in slots if not slot.state]
+    def __init__(self, work: Sequence[Tuple[Dict[str, Any], List["Slot"]]], copies: Sequence[bool]) -> None:
+        self._fresh = [slot.state for _, slots in work for slot in slots if not slot.state]
+        slots = [slot for (_, group_slots), copy in zip(work, copies) if copy for slot in group_slots]
         self._states = [(slot.state, _copy_state(dict(slot.state))) for slot in slots if slot.state]
         self._params = [(slot.param, slot.param.clone()) for slot in slots]
 
@@ -480,7 +483,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if prepared is None:
             return loss
         screen, work = prepared
-        rollback = _Rollback(work)
+        rollback = _Rollback(work, [not self._math_allocates_first(hyper, slots) for hyper, slots in work])
         try:
             with full_float32_matmul():  # the preconditioner's products ignore the user's TF32/bf16 settings
                 for hyper, slots in work:
@@ -500,6 +503,12 @@ class SoapOptimizerBase(torch.optim.Optimizer):
 
     def _step_group(self, hyper: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         raise NotImplementedError
+
+    def _math_allocates_first(self, hyper: Dict[str, Any], slots: List[Slot]) -> bool:
+        """Whether ``_step_group`` allocates every temporary before it modifies any tensor, so that an
+        exception (out of memory) can only come before anything changed and the step needs no backup copy
+        to undo itself (see ``_Rollback``). Default: not known, so the step keeps a transient copy."""
+        return False
 
     def _release_idle_buffers(self, work) -> None:
         """Give the state of every parameter not stepped this time storage of its own where it is a view

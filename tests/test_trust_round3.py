@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import soap_optim
 from registry import OPTIMIZERS, SOAP_PATHS, assert_bitwise_equal, entry_params, iter_state_tensors, optimizer_snapshot
@@ -253,8 +254,6 @@ LATER_FAILURES = [
     ("soap-batched", lambda: SOAP(_p(), foreach=True, fused=False), "soap_optim.soap._bucket_factor_ema_"),
     ("shampoo", lambda: Shampoo(_p(), start_preconditioning_step=1, precondition_frequency=1), "soap_optim.shampoo.inverse_root"),
     ("adafactor", lambda: Adafactor(_p(), beta1=0.9), "soap_optim.adafactor.clip_by_rms_"),
-    ("adamw-foreach", lambda: AdamW(_p()), "torch._foreach_sqrt"),
-    ("adamw-single", lambda: AdamW(_p(), foreach=False), "torch.Tensor.addcdiv_"),
 ]
 
 
@@ -283,6 +282,53 @@ def test_failure_late_in_a_step_changes_nothing(name, make, target, monkeypatch)
     _train(control_opt, control, 3, start=4)
     assert_bitwise_equal(_values(params), _values(control))
     assert_bitwise_equal(optimizer_snapshot(opt), optimizer_snapshot(control_opt))
+
+
+class _OpOrder(TorchDispatchMode):
+    """Records, for every aten op, whether it writes into an existing tensor or allocates a new one."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        schema = func._schema
+        writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        allocates = not writes and any(
+            r.alias_info is None and str(r.type) in ("Tensor", "Tensor[]", "List[Tensor]") for r in schema.returns
+        )
+        self.events.append((str(func), writes, allocates))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: AdamW(p),
+        lambda p: AdamW(p, foreach=False),
+        lambda p: AdamW(p, amsgrad=True),
+        lambda p: AdamW(p, foreach=False, amsgrad=True),
+        lambda p: Adam(p, weight_decay=0.1, maximize=True),
+        lambda p: Adam(p, weight_decay=0.1, maximize=True, foreach=False),
+    ],
+    ids=["adamw", "adamw-single", "adamw-amsgrad", "adamw-single-amsgrad", "adam-l2-maximize", "adam-l2-maximize-single"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adam_allocates_everything_before_it_modifies_anything(make, dtype):
+    """Adam's PyTorch paths take no backup copy for "whole or not at all" (it would double the step's
+    cost): instead no tensor is allocated once the first tensor was modified, so an out-of-memory error
+    can only come before anything changed. Before, the denominators were allocated after counters and
+    moments had advanced (and, one parameter at a time, after earlier parameters had moved)."""
+    params = [p.to(dtype).detach().requires_grad_() for p in _params([(5, 4), (5, 4), (4,), (3, 2)])]
+    opt = make(params)
+    for step in range(3):
+        _grads(params, step)
+        recorder = _OpOrder()
+        with recorder:
+            opt.step()
+        first_write = next(i for i, (_, writes, _) in enumerate(recorder.events) if writes)
+        late = [name for name, _, allocates in recorder.events[first_write:] if allocates]
+        assert not late, late
 
 
 # ----------------------------------------------------------------------------- 5. step counters
