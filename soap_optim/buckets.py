@@ -80,5 +80,5 @@ def own_storage(states: Sequence[Dict[str, Any]], key: str) -> None:
     row or slice of a bucket it no longer shares with anyone), so that it does not keep that buffer alive."""
     for state in states:
         tensor = state[key]
-        if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        if tensor._base is not None and tensor._base.numel() > tensor.numel():
             state[key] = tensor.clone(memory_format=torch.contiguous_format)

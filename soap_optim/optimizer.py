@@ -35,6 +35,7 @@ import torch
 from . import gradient_check
 from .dispatch import fused_problem
 from .distributed import Distribution, make_distribution
+from .buckets import stacked_state
 from .distributed import checkpoint as distributed_checkpoint
 from .gradient_check import describe
 from .precision import full_float32_matmul
@@ -145,11 +146,43 @@ def _copy_state(value: Any) -> Any:
     return value
 
 
+def _tensors_in(value: Any) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+def _with_tensors(value: Any, tensors) -> Any:
+    """``value`` with its tensors replaced, in :func:`_tensors_in` order, by the next of ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        return next(tensors)
+    if isinstance(value, dict):
+        return {k: _with_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_tensors(v, tensors) for v in value)
+    return value
+
+
+def _copy_all(values: List[Any]) -> List[Any]:
+    """Copies of many state entries and tensors, the copying batched into one ``torch._foreach_copy_``."""
+    sources = [t for value in values for t in _tensors_in(value)]
+    copies = [torch.empty_like(t) for t in sources]
+    if sources:
+        torch._foreach_copy_(copies, sources)
+    remaining = iter(copies)
+    return [_with_tensors(value, remaining) for value in values]
+
+
 def _views_a_larger_buffer(value: Any) -> bool:
     """Whether a state entry (or a tensor in a list of them) is a view of a larger tensor (a row of a
     bucket's stacked buffer), which it keeps alive whole."""
     if isinstance(value, torch.Tensor):
-        return value.untyped_storage().nbytes() > value.numel() * value.element_size()
+        base = value._base  # a bucket's rows are views of its buffer; a tensor of its own has no base
+        return base is not None and base.numel() > value.numel()
     if isinstance(value, (list, tuple)):
         return any(_views_a_larger_buffer(v) for v in value)
     return False
@@ -170,8 +203,11 @@ class _Rollback:
     def __init__(self, work: Sequence[Tuple[Dict[str, Any], List["Slot"]]], copies: Sequence[bool]) -> None:
         self._fresh = [slot.state for _, slots in work for slot in slots if not slot.state]
         slots = [slot for (_, group_slots), copy in zip(work, copies) if copy for slot in group_slots]
-        self._states = [(slot.state, _copy_state(dict(slot.state))) for slot in slots if slot.state]
-        self._params = [(slot.param, slot.param.clone()) for slot in slots]
+        states = [slot.state for slot in slots if slot.state]
+        params = [slot.param for slot in slots]
+        copies = _copy_all([dict(state) for state in states] + params)
+        self._states = list(zip(states, copies[: len(states)]))
+        self._params = list(zip(params, copies[len(states) :]))
 
     def undo(self) -> None:
         for state in self._fresh:
@@ -523,14 +559,20 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         stepped = {id(slot.state) for _, slots in work for slot in slots}
         if len(stepped) == sum(len(group["params"]) for group in self.param_groups):
             return
+        # same-shaped entries left behind are re-stacked together: one copy op per (entry, shape), not per row
+        left: Dict[Tuple, List[Dict[str, Any]]] = defaultdict(list)
         for group in self.param_groups:
             for param in group["params"]:
                 state = self.state.get(param)
                 if not state or id(state) in stepped:
                     continue
                 for key, value in state.items():
-                    if _views_a_larger_buffer(value):
-                        state[key] = _copy_state(value)
+                    entries = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+                    for index, tensor in entries:
+                        if _views_a_larger_buffer(tensor):
+                            left[(key, index, tensor.shape, tensor.dtype, tensor.device)].append(state)
+        for (key, index, _, _, _), states in left.items():
+            stacked_state(states, key, index)
 
     # ----------------------------------------------------------------- state_dict
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
