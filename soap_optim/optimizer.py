@@ -219,6 +219,33 @@ class _Rollback:
             param.copy_(saved)
 
 
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory a new allocation on ``device`` can still get, or None where unknown: for a CUDA device the
+    driver's free memory plus what torch's caching allocator holds unused; for the CPU (Linux) the
+    kernel's MemAvailable (free memory plus reclaimable caches)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _numel_of(shapes: Any) -> int:
+    """Entries in an ``_expected_state_shapes`` value: a shape, None, or a list of them."""
+    if shapes is None:
+        return 0
+    if isinstance(shapes, list):
+        return sum(_numel_of(s) for s in shapes)
+    return math.prod(shapes)
+
+
 # ||G||_F above this (float32) may overflow a Gram matrix entry or its EMA (see without_overflowing_grams)
 _GRAM_SAFE_SQUARED_NORM = torch.finfo(torch.float32).max / 4
 
@@ -386,6 +413,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         hypers = [self._check_group(group) for group in self.param_groups]
         for hyper, group in zip(hypers, self.param_groups):
             self._check_can_step(hyper, [p for p in group["params"] if p.grad is not None])
+        self._check_new_state_fits(hypers)
         for group_index, group in enumerate(self.param_groups):
             for param_index, param in enumerate(group["params"]):
                 if param.grad is not None:
@@ -420,6 +448,37 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             (hyper, [Slot(item.tensor, grad, self.state[item.param], item.param.shape) for item, grad in zip(items, effective)])
             for hyper, items, effective in zip(hypers, work, grads_per_group)
         ]
+
+    def _check_new_state_fits(self, hypers: Sequence[Dict[str, Any]]) -> None:
+        """MemoryError, before anything is allocated, when the state this step would create cannot fit.
+
+        SOAP's and Shampoo's first step allocates a d x d factor and basis per preconditioned axis: a
+        (100000, 2) parameter with ``max_precond_dim=100000`` asks for 80 GB, which on the CPU may be
+        granted lazily and end in the process being killed mid-step. The estimate is the state's own
+        bytes (``_expected_state_shapes``), per device; one process only (a rank keeps only its share)."""
+        if self._distribution.mode != "single":
+            return
+        need: Dict[torch.device, int] = defaultdict(int)
+        largest: Dict[torch.device, Tuple[int, str]] = {}
+        for group_index, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
+            for param_index, param in enumerate(group["params"]):
+                if param.grad is None or self.state.get(param):
+                    continue
+                dtype = state_dtype(param, hyper)
+                size = _numel_of(list(self._expected_state_shapes(param, hyper).values())) * dtype.itemsize
+                need[param.device] += size
+                if size > largest.get(param.device, (0, ""))[0]:
+                    largest[param.device] = (size, describe(group_index, param_index, param.shape))
+        for device, size in need.items():
+            free = available_bytes(device) if size > 2**26 else None  # below 64 MB: not worth a look
+            if free is not None and size > free:
+                biggest, where = largest[device]
+                raise MemoryError(
+                    f"{type(self).__name__}: the optimizer state this step would create needs {size / 2**30:.1f} GiB "
+                    f"on {device} ({biggest / 2**30:.1f} GiB for {where} alone), more than the {free / 2**30:.1f} GiB "
+                    f"available. Lower max_precond_dim (axes longer than it get no d x d factor), or use "
+                    f"one_sided=True / factorized=True (SOAP); nothing was modified"
+                )
 
     def _check_can_step(self, hyper: Dict[str, Any], params: Sequence[torch.Tensor]) -> None:
         """What the group's options need from its tensors: ``fused=True`` needs the kernels to run."""

@@ -582,3 +582,44 @@ def test_single_tensor_adam_is_bitwise_torch(ours, theirs, hyper):
     for p, q in zip(a, b):
         for key in ("exp_avg", "exp_avg_sq"):
             assert_bitwise_equal(opt_a.state[p][key], opt_b.state[q][key], key)
+
+
+# ----------------------------------------------------------------------------- 3. state that cannot fit
+def test_state_that_cannot_fit_is_refused_before_anything_is_allocated(monkeypatch):
+    """A (1000, 2) parameter with max_precond_dim=10000 needs a 1000 x 1000 factor and basis (8 MB, counted
+    16x here to pass the estimate's 64 MB floor): with 16 MB available, a MemoryError naming the parameter
+    and max_precond_dim, nothing modified; the same parameter steps once the memory is there."""
+    import soap_optim.optimizer as base
+
+    params = _params([(1000, 2)])
+    opt = SOAP(params, foreach=False)
+    _grads(params, 0)
+    before = _values(params)
+    monkeypatch.setattr(base, "available_bytes", lambda device: 2**24)
+    monkeypatch.setattr(base, "_numel_of", _scaled(base._numel_of, 16))
+    with pytest.raises(MemoryError, match=r"parameter 0 of param group 0 \(shape \(1000, 2\)\) alone.*max_precond_dim"):
+        opt.step()
+    assert not any(opt.state.values()) and torch.equal(params[0], before[0])
+    monkeypatch.undo()
+    opt.step()
+    assert opt.state[params[0]]["factors"][0].shape == (1000, 1000)
+
+
+def _scaled(count, factor):
+    return lambda shapes: factor * count(shapes)
+
+
+def test_a_factor_larger_than_this_machine_is_refused():
+    """The issue's case: (100000, 2) with max_precond_dim=100000 asks for 80 GB (a factor and a basis of
+    100000 x 100000 float32) and used to try to allocate it."""
+    import soap_optim.optimizer as base
+
+    available = base.available_bytes(torch.device("cpu"))
+    if available is None or available > 60 * 2**30:
+        pytest.skip("needs a machine with less than 60 GiB available (and /proc/meminfo)")
+    params = _params([(100000, 2)])
+    opt = SOAP(params, max_precond_dim=100000, foreach=False)
+    _grads(params, 0)
+    with pytest.raises(MemoryError, match=r"needs 74.5 GiB"):
+        opt.step()
+    assert not any(opt.state.values())
