@@ -74,17 +74,24 @@ class Slot(NamedTuple):
     shape: torch.Size  # the parameter's (global) shape, which plans are made from
 
 
+def _map_state(value: Any, fn) -> Any:
+    """``value`` (a tensor, or a list/tuple/dict of them) with every tensor ``t`` replaced by ``fn(t)``,
+    in depth-first order."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_state(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_state(v, fn) for v in value)
+    return value
+
+
 def _cast_state(value: Any, *, device, dtype) -> Any:
     """Copy ``value`` (a tensor, or a list/tuple/dict of them) with floating tensors in ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point():
-            return value.to(device=device, dtype=dtype, copy=True)
-        return value.to(device=device, copy=True)
-    if isinstance(value, dict):
-        return {k: _cast_state(v, device=device, dtype=dtype) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast_state(v, device=device, dtype=dtype) for v in value)
-    return value
+    return _map_state(
+        value,
+        lambda t: t.to(device=device, dtype=dtype, copy=True) if t.is_floating_point() else t.to(device=device, copy=True),
+    )
 
 
 def _shape_mismatch(value: Any, expected: Any) -> Optional[str]:
@@ -137,44 +144,19 @@ def _step_count(value: Any) -> torch.Tensor:
 
 def _copy_state(value: Any) -> Any:
     """A copy of a state entry (a tensor, or a list/tuple/dict of them) in storage of its own."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _copy_state(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copy_state(v) for v in value)
-    return value
-
-
-def _tensors_in(value: Any) -> List[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors_in(v)]
-    return []
-
-
-def _with_tensors(value: Any, tensors) -> Any:
-    """``value`` with its tensors replaced, in :func:`_tensors_in` order, by the next of ``tensors``."""
-    if isinstance(value, torch.Tensor):
-        return next(tensors)
-    if isinstance(value, dict):
-        return {k: _with_tensors(v, tensors) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_with_tensors(v, tensors) for v in value)
-    return value
+    return _map_state(value, torch.Tensor.clone)
 
 
 def _copy_all(values: List[Any]) -> List[Any]:
     """Copies of many state entries and tensors, the copying batched into one ``torch._foreach_copy_``."""
-    sources = [t for value in values for t in _tensors_in(value)]
+    sources: List[torch.Tensor] = []
+    for value in values:
+        _map_state(value, sources.append)
     copies = [torch.empty_like(t) for t in sources]
     if sources:
         torch._foreach_copy_(copies, sources)
     remaining = iter(copies)
-    return [_with_tensors(value, remaining) for value in values]
+    return [_map_state(value, lambda _: next(remaining)) for value in values]
 
 
 def _views_a_larger_buffer(value: Any) -> bool:

@@ -337,6 +337,20 @@ def _set_steps(opt, count):
         state["step"].fill_(count)
 
 
+def _counts_that_change(opt, param, key, start, steps=15):
+    """Set every step counter to ``start``, take ``steps`` steps; the counts at which ``state[key]`` changed."""
+    _set_steps(opt, start)
+    changed = []
+    for step in range(steps):
+        before = [t.clone() for t in opt.state[param][key]]
+        _grads([param], 10 + step)
+        opt.step()
+        if not all(torch.equal(b, n) for b, n in zip(before, opt.state[param][key])):
+            changed.append(start + step + 1)
+    assert int(opt.state[param]["step"].item()) == start + steps
+    return changed
+
+
 @pytest.mark.parametrize("path", list(SOAP_PATHS))
 def test_soap_refreshes_past_two_to_the_24(path):
     """A float32 counter stops at 2^24 (2^24 + 1 rounds back): the refresh schedule froze. Counted exactly,
@@ -345,15 +359,7 @@ def test_soap_refreshes_past_two_to_the_24(path):
     opt = SOAP(params, precondition_frequency=10, **SOAP_PATHS[path])
     _train(opt, params, 3)
     start = 2**24 - 2
-    _set_steps(opt, start)
-    refreshed = []
-    for step in range(15):
-        bases = [b.clone() for b in opt.state[params[0]]["bases"]]
-        _grads(params, 10 + step)
-        opt.step()
-        if not all(torch.equal(b, n) for b, n in zip(bases, opt.state[params[0]]["bases"])):
-            refreshed.append(start + step + 1)
-    assert int(opt.state[params[0]]["step"].item()) == start + 15
+    refreshed = _counts_that_change(opt, params[0], "bases", start)
     assert refreshed == [c for c in range(start + 1, start + 16) if c % 10 == 0] == [2**24 + 4]
     # and the count survives a state dict round trip
     restored = SOAP(_params([(4, 4)]), precondition_frequency=10, **SOAP_PATHS[path])
@@ -365,17 +371,7 @@ def test_shampoo_recomputes_roots_past_two_to_the_24():
     params = _params([(4, 4)])
     opt = Shampoo(params, precondition_frequency=10, start_preconditioning_step=1)
     _train(opt, params, 3)
-    start = 2**24 - 2
-    _set_steps(opt, start)
-    recomputed = []
-    for step in range(15):
-        roots = [r.clone() for r in opt.state[params[0]]["roots"]]
-        _grads(params, 10 + step)
-        opt.step()
-        if not all(torch.equal(r, n) for r, n in zip(roots, opt.state[params[0]]["roots"])):
-            recomputed.append(start + step + 1)
-    assert recomputed == [2**24 + 5]  # (t - 1) % 10 == 0
-    assert int(opt.state[params[0]]["step"].item()) == start + 15
+    assert _counts_that_change(opt, params[0], "roots", 2**24 - 2) == [2**24 + 5]  # (t - 1) % 10 == 0
 
 
 @pytest.mark.parametrize("entry", entry_params(OPTIMIZERS))
