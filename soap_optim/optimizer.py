@@ -33,9 +33,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from . import gradient_check
+from .buckets import stacked_state
 from .dispatch import fused_problem
 from .distributed import Distribution, make_distribution
-from .buckets import stacked_state
 from .distributed import checkpoint as distributed_checkpoint
 from .gradient_check import describe
 from .precision import full_float32_matmul
