@@ -169,7 +169,7 @@ def test_state_reset_and_surgery_rebuild_the_state(entry):
 
 @pytest.mark.parametrize("entry", entry_params(OPTIMIZERS))
 def test_a_removed_parameter_is_freed(entry):
-    params = _params()
+    params = _params([(5, 4), (5, 4), (4,)])
     opt = entry.make(params)
     _train(opt, params, entry.warmup_steps + 2)
     removed = weakref.ref(params[0])
