@@ -142,32 +142,40 @@ def _step_count(value: Any) -> torch.Tensor:
     return torch.tensor(float(number), dtype=STEP_DTYPE)
 
 
-def _copy_state(value: Any) -> Any:
-    """A copy of a state entry (a tensor, or a list/tuple/dict of them) in storage of its own."""
-    return _map_state(value, torch.Tensor.clone)
-
-
-def _copy_all(values: List[Any]) -> List[Any]:
-    """Copies of many state entries and tensors, the copying batched into one ``torch._foreach_copy_``."""
-    sources: List[torch.Tensor] = []
-    for value in values:
-        _map_state(value, sources.append)
+def _copy_all(states: List[Dict[str, Any]], tensors: List[torch.Tensor]) -> Tuple[List[Dict[str, Any]], List[torch.Tensor]]:
+    """Copies of many states (dicts whose values are tensors or lists of tensors and None; anything else is
+    deep-copied) and of tensors, the tensor copies batched into one ``torch._foreach_copy_`` (loops, not a
+    recursion: this runs every step)."""
+    sources = list(tensors)
+    for state in states:
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                sources.append(value)
+            elif isinstance(value, list):
+                sources.extend(t for t in value if isinstance(t, torch.Tensor))
     copies = [torch.empty_like(t) for t in sources]
     if sources:
         torch._foreach_copy_(copies, sources)
-    remaining = iter(copies)
-    return [_map_state(value, lambda _: next(remaining)) for value in values]
+    remaining = iter(copies[len(tensors) :])
+    copied_states = []
+    for state in states:
+        copied = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                copied[key] = next(remaining)
+            elif isinstance(value, list):
+                copied[key] = [next(remaining) if isinstance(t, torch.Tensor) else t for t in value]
+            else:
+                copied[key] = deepcopy(value)
+        copied_states.append(copied)
+    return copied_states, copies[: len(tensors)]
 
 
 def _views_a_larger_buffer(value: Any) -> bool:
-    """Whether a state entry (or a tensor in a list of them) is a view of a larger tensor (a row of a
-    bucket's stacked buffer), which it keeps alive whole."""
-    if isinstance(value, torch.Tensor):
-        base = value._base  # a bucket's rows are views of its buffer; a tensor of its own has no base
-        return base is not None and base.numel() > value.numel()
-    if isinstance(value, (list, tuple)):
-        return any(_views_a_larger_buffer(v) for v in value)
-    return False
+    """Whether a state entry is a view of a larger tensor (a row of a bucket's stacked buffer), which it
+    keeps alive whole."""
+    base = value._base if isinstance(value, torch.Tensor) else None  # a tensor of its own has no base
+    return base is not None and base.numel() > value.numel()
 
 
 class _Rollback:
@@ -187,9 +195,9 @@ class _Rollback:
         slots = [slot for (_, group_slots), copy in zip(work, copies) if copy for slot in group_slots]
         states = [slot.state for slot in slots if slot.state]
         params = [slot.param for slot in slots]
-        copies = _copy_all([dict(state) for state in states] + params)
-        self._states = list(zip(states, copies[: len(states)]))
-        self._params = list(zip(params, copies[len(states) :]))
+        copied_states, copied_params = _copy_all(states, params)
+        self._states = list(zip(states, copied_states))
+        self._params = list(zip(params, copied_params))
 
     def undo(self) -> None:
         for state in self._fresh:
