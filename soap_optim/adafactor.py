@@ -8,7 +8,6 @@ observation is that Adafactor run in the eigenbasis of Shampoo's factors is Sham
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -21,8 +20,8 @@ from .moment_math import (
     first_moment_ema_,
     update_factored_moments_,
 )
-from .optimizer import Screen, Slot, SoapOptimizerBase
-from .validation import check_lr, check_non_negative, check_unit_interval
+from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count, state_dtype
+from .validation import check_lr, check_non_negative, check_non_positive, check_unit_interval
 
 
 class Adafactor(SoapOptimizerBase):
@@ -105,14 +104,28 @@ class Adafactor(SoapOptimizerBase):
         check_lr(group["lr"])
         if group["beta1"] is not None:
             check_unit_interval("beta1", group["beta1"])
-        decay = group["beta2_decay"]
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not (decay <= 0 and math.isfinite(decay)):
-            raise ValueError(f"Invalid beta2_decay: {decay!r} (must be a finite number <= 0)")
+        check_non_positive("beta2_decay", group["beta2_decay"])
         for name in ("eps", "d"):
             check_non_negative(name, group[name])
             if not group[name] > 0:
                 raise ValueError(f"Invalid {name}: {group[name]!r} (must be > 0)")
         check_non_negative("weight_decay", group["weight_decay"])
+
+    def _check_can_step(self, hyper: Dict[str, Any], params) -> None:
+        """``eps`` must stay positive in every state dtype it is used in: below the dtype's smallest subnormal
+        (1.4e-45 in float32) it is stored as 0, and a zero gradient entry then gives 0 / 0 = NaN."""
+        super()._check_can_step(hyper, params)
+        for dtype in {state_dtype(param, hyper) for param in params}:
+            if not torch.tensor(float(hyper["eps"]), dtype=dtype).item() > 0:
+                raise ValueError(
+                    f"Invalid eps: {hyper['eps']!r} is 0 in {dtype}, the dtype of the state it is added to "
+                    f"(must be at least {torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps:.1e})"
+                )
+
+    def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
+        """No limit: the update is clipped to RMS <= d whatever the gradient (a saturated statistic only
+        makes U larger before the clip), so every finite gradient gives a step of RMS <= lr * d."""
+        return math.inf
 
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         matrix = factored_shape(tuple(param.shape))
@@ -129,7 +142,7 @@ class Adafactor(SoapOptimizerBase):
             grad, state = slot.grad, slot.state
             matrix = factored_shape(tuple(slot.param.shape))
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = new_step_count()
                 if matrix is None:
                     state["exp_avg_sq"] = torch.zeros_like(grad)
                 else:

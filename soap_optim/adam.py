@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .dispatch import get_ops, wants_kernels
-from .moment_math import adam_normalize, decay_then_update_, first_moment_ema_, foreach_first_moment_ema_
-from .optimizer import Screen, Slot, SoapOptimizerBase
+from .moment_math import first_moment_ema_, foreach_first_moment_ema_
+from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
 from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
 
 
@@ -36,16 +36,24 @@ def _single_tensor_adam_(
     maximize: bool,
     guard_overflow: bool = False,
 ) -> None:
-    """The readable reference: one parameter at a time."""
-    for index, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(
-        zip(params, grads, exp_avgs, exp_avg_sqs, steps)
-    ):
+    """The readable reference: one parameter at a time, torch.optim's single-tensor Adam op for op (its bits).
+
+    Allocate first, modify last: every temporary of every parameter (the gradient in the state's dtype, a
+    work copy of a low-precision parameter, the denominator) exists before the first tensor is modified,
+    so an out-of-memory error leaves parameters and state as they were.
+    """
+    prepared = []
+    for param, grad, exp_avg in zip(params, grads, exp_avgs):
         grad = grad.to(exp_avg.dtype)
         if maximize:
             grad = -grad
         work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
         if weight_decay != 0 and not decoupled_weight_decay:
             grad = grad.add(work, alpha=weight_decay)
+        prepared.append((grad, work, torch.empty_like(exp_avg)))
+    for index, (param, exp_avg, exp_avg_sq, step, (grad, work, denom)) in enumerate(
+        zip(params, exp_avgs, exp_avg_sqs, steps, prepared)
+    ):
         step += 1
         t = step.item()
         if guard_overflow:
@@ -57,9 +65,13 @@ def _single_tensor_adam_(
         if amsgrad:
             torch.maximum(max_exp_avg_sqs[index], exp_avg_sq, out=max_exp_avg_sqs[index])
             second = max_exp_avg_sqs[index]
-        direction = adam_normalize(exp_avg / (1 - beta1**t), second, 1 - beta2**t, eps)
-        decay = lr * weight_decay if decoupled_weight_decay else 0.0
-        decay_then_update_(param, direction, lr, decay)
+        # decay, then theta -= (lr / bc1) * m / (sqrt(v) / bc2 ** 0.5 + eps) in one addcdiv
+        if weight_decay != 0 and decoupled_weight_decay:
+            work.mul_(1 - lr * weight_decay)
+        torch.sqrt(second, out=denom).div_((1 - beta2**t) ** 0.5).add_(eps)
+        work.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1**t)))
+        if work is not param:
+            param.copy_(work)
 
 
 def _foreach_adam_(
@@ -80,24 +92,27 @@ def _foreach_adam_(
     maximize: bool,
     guard_overflow: bool = False,
 ) -> None:
-    """Batched over tensors that share a device and state dtype."""
+    """Batched over tensors that share a device and state dtype; allocate first, modify last (as
+    :func:`_single_tensor_adam_`): every bucket's temporaries exist before the first tensor is modified."""
     buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
     for index, exp_avg in enumerate(exp_avgs):
         buckets.setdefault((exp_avg.device, exp_avg.dtype), []).append(index)
+    prepared = []
     for (_, dtype), indices in buckets.items():
         # Low-precision parameters are updated through a copy in the state's dtype.
         work = [params[i] if params[i].dtype == dtype else params[i].to(dtype) for i in indices]
         g = [grads[i].to(dtype) for i in indices]
+        if maximize:
+            g = torch._foreach_neg(g)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g = torch._foreach_add(g, work, alpha=weight_decay)
+        prepared.append((dtype, indices, work, g, [torch.empty_like(exp_avg_sqs[i]) for i in indices]))
+    for dtype, indices, work, g, denom in prepared:
         m = [exp_avgs[i] for i in indices]
         v = [exp_avg_sqs[i] for i in indices]
         s = [steps[i] for i in indices]
-        if maximize:
-            g = torch._foreach_neg(g)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                torch._foreach_mul_(work, 1 - lr * weight_decay)
-            else:
-                g = torch._foreach_add(g, work, alpha=weight_decay)
+        if weight_decay != 0 and decoupled_weight_decay:
+            torch._foreach_mul_(work, 1 - lr * weight_decay)
         torch._foreach_add_(s, 1)
         ts = [step.item() for step in s]
         if guard_overflow:
@@ -112,7 +127,8 @@ def _foreach_adam_(
             v_max = [max_exp_avg_sqs[i] for i in indices]
             torch._foreach_maximum_(v_max, v)
             v = v_max
-        denom = torch._foreach_sqrt(v)
+        torch._foreach_copy_(denom, v)
+        torch._foreach_sqrt_(denom)  # the bits of torch._foreach_sqrt(v), into memory allocated up front
         torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in ts])
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(work, m, denom, [-lr / (1 - beta1**t) for t in ts])
@@ -150,14 +166,18 @@ def _kernel_adam_(
         raise ValueError("amsgrad is not supported by the fused Adam kernel; use fused=False")
     by_step: Dict[int, List[int]] = {}
     for index, step in enumerate(steps):
-        step += 1
-        by_step.setdefault(int(step.item()), []).append(index)
+        by_step.setdefault(int(step.item()) + 1, []).append(index)
+    gradients = {}  # allocate first, modify last (as _single_tensor_adam_)
     for t, indices in by_step.items():
         g = [grads[i] for i in indices]
         if maximize:
             g = torch._foreach_neg(g)
         if weight_decay != 0 and not decoupled_weight_decay:
             g = [gi.to(exp_avgs[i].dtype) + weight_decay * params[i].to(exp_avgs[i].dtype) for gi, i in zip(g, indices)]
+        gradients[t] = g
+    torch._foreach_add_(steps, 1)
+    for t, indices in by_step.items():
+        g = gradients[t]
         ops.adam_(
             [params[i] for i in indices], g, [exp_avgs[i] for i in indices], [exp_avg_sqs[i] for i in indices],
             beta1=beta1, beta2=beta2, eps=eps, step_size=lr / (1 - beta1**t),
@@ -310,12 +330,16 @@ class Adam(SoapOptimizerBase):
     def _is_elementwise(self, shape: torch.Size, hyper: Dict[str, Any]) -> bool:
         return True
 
+    def _math_allocates_first(self, hyper: Dict[str, Any], slots: List[Slot]) -> bool:
+        # the PyTorch paths allocate first (see _single_tensor_adam_); the fused kernels are not known to
+        return hyper["fused"] is False or hyper["amsgrad"] or not any(slot.param.is_cuda for slot in slots)
+
     def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
         for slot in slots:
             state = slot.state
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = new_step_count()
                 state["exp_avg"] = torch.zeros_like(slot.param, dtype=slot.grad.dtype)
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 if group["amsgrad"]:

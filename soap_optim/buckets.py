@@ -4,7 +4,9 @@ The batched path steps a bucket of B same-shaped parameters with one call per st
 tensors. Stacking the state afresh every step would copy every factor and basis (B d^2 numbers each)
 twice per step; instead each parameter's state entry *is* a row view of one buffer, so once a bucket
 is formed its buffers are used in place. A bucket whose membership changes (a parameter without a
-gradient this step) is re-stacked once, by copy.
+gradient this step) is re-stacked once, by copy; a member left out of the new buffer must then get storage
+of its own (:func:`own_storage`, which the optimizer base applies to every parameter not stepped), or its
+row would keep the whole old buffer alive.
 """
 from __future__ import annotations
 
@@ -71,3 +73,12 @@ def flat_state(states: Sequence[Dict[str, Any]], key: str) -> torch.Tensor:
             state[key] = base[offset : offset + tensor.numel()].view(tensor.shape)
             offset += tensor.numel()
     return base
+
+
+def own_storage(states: Sequence[Dict[str, Any]], key: str) -> None:
+    """Replace ``state[key]`` by a copy in storage of its own wherever it is a view of a larger buffer (a
+    row or slice of a bucket it no longer shares with anyone), so that it does not keep that buffer alive."""
+    for state in states:
+        tensor = state[key]
+        if tensor._base is not None and tensor._base.numel() > tensor.numel():
+            state[key] = tensor.clone(memory_format=torch.contiguous_format)

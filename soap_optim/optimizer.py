@@ -33,6 +33,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from . import gradient_check
+from .buckets import stacked_state
 from .dispatch import fused_problem
 from .distributed import Distribution, make_distribution
 from .distributed import checkpoint as distributed_checkpoint
@@ -73,17 +74,24 @@ class Slot(NamedTuple):
     shape: torch.Size  # the parameter's (global) shape, which plans are made from
 
 
+def _map_state(value: Any, fn) -> Any:
+    """``value`` (a tensor, or a list/tuple/dict of them) with every tensor ``t`` replaced by ``fn(t)``,
+    in depth-first order."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_state(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_state(v, fn) for v in value)
+    return value
+
+
 def _cast_state(value: Any, *, device, dtype) -> Any:
     """Copy ``value`` (a tensor, or a list/tuple/dict of them) with floating tensors in ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point():
-            return value.to(device=device, dtype=dtype, copy=True)
-        return value.to(device=device, copy=True)
-    if isinstance(value, dict):
-        return {k: _cast_state(v, device=device, dtype=dtype) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast_state(v, device=device, dtype=dtype) for v in value)
-    return value
+    return _map_state(
+        value,
+        lambda t: t.to(device=device, dtype=dtype, copy=True) if t.is_floating_point() else t.to(device=device, copy=True),
+    )
 
 
 def _shape_mismatch(value: Any, expected: Any) -> Optional[str]:
@@ -105,13 +113,127 @@ def _shape_mismatch(value: Any, expected: Any) -> Optional[str]:
     return None
 
 
+# Step counters are float64: exact for every count below 2^53. A float32 counter stops at 2^24 = 16,777,216
+# (16777216 + 1 rounds back to 16777216), after which every refresh schedule (t % f) would freeze.
+STEP_DTYPE = torch.float64
+
+
+def new_step_count() -> torch.Tensor:
+    """A fresh ``step`` counter: a 0-d CPU tensor (torch.optim's form) in :data:`STEP_DTYPE`."""
+    return torch.tensor(0.0, dtype=STEP_DTYPE)
+
+
 def _step_count(value: Any) -> torch.Tensor:
-    """A loaded ``step``: a 0-d float32 tensor whatever it was saved as (tensor, int or float)."""
+    """A loaded ``step``: a 0-d :data:`STEP_DTYPE` tensor whatever it was saved as (a tensor of one element,
+    an int or a float), after the same checks for every form: a finite whole number >= 0."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", torch.float32, copy=True).reshape(())
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"loaded state has an invalid step count: a tensor of shape {tuple(value.shape)} and dtype "
+                f"{value.dtype} (must hold one real number >= 0)"
+            )
+        number = value.item()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"loaded state has an invalid step count {value!r} (must be a number >= 0)")
-    return torch.tensor(float(value))
+    else:
+        number = value
+    if not (math.isfinite(number) and number >= 0 and float(number) == math.floor(number)):
+        raise ValueError(f"loaded state has an invalid step count {number!r} (must be a whole number >= 0)")
+    return torch.tensor(float(number), dtype=STEP_DTYPE)
+
+
+def _copy_all(states: List[Dict[str, Any]], tensors: List[torch.Tensor]) -> Tuple[List[Dict[str, Any]], List[torch.Tensor]]:
+    """Copies of many states (dicts whose values are tensors or lists of tensors and None; anything else is
+    deep-copied) and of tensors, the tensor copies batched into one ``torch._foreach_copy_`` (loops, not a
+    recursion: this runs every step)."""
+    sources = list(tensors)
+    for state in states:
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                sources.append(value)
+            elif isinstance(value, list):
+                sources.extend(t for t in value if isinstance(t, torch.Tensor))
+    copies = [torch.empty_like(t) for t in sources]
+    if sources:
+        torch._foreach_copy_(copies, sources)
+    remaining = iter(copies[len(tensors) :])
+    copied_states = []
+    for state in states:
+        copied = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                copied[key] = next(remaining)
+            elif isinstance(value, list):
+                copied[key] = [next(remaining) if isinstance(t, torch.Tensor) else t for t in value]
+            else:
+                copied[key] = deepcopy(value)
+        copied_states.append(copied)
+    return copied_states, copies[: len(tensors)]
+
+
+def _views_a_larger_buffer(value: Any) -> bool:
+    """Whether a state entry is a view of a larger tensor (a row of a bucket's stacked buffer), which it
+    keeps alive whole."""
+    base = value._base if isinstance(value, torch.Tensor) else None  # a tensor of its own has no base
+    return base is not None and base.numel() > value.numel()
+
+
+class _Rollback:
+    """What undoes a step whose math raised (out of memory included): "whole or not at all" also then.
+
+    Taken after every check passed, before the math runs. The states the step creates are noted (they are
+    empty now): undoing empties them again, so that a half-built first state (SOAP's factors without
+    bases: its first step is its memory peak) is never stepped on. For a group whose math may fail after
+    it began modifying tensors, the parameters about to be stepped and their state are copied, and undoing
+    puts the values back; the copy lives for the duration of the step (transient memory: those
+    parameters and their state once more). A group whose math allocates everything before it modifies
+    anything (``_math_allocates_first``: Adam's PyTorch paths) needs no copy.
+    """
+
+    def __init__(self, work: Sequence[Tuple[Dict[str, Any], List["Slot"]]], copies: Sequence[bool]) -> None:
+        self._fresh = [slot.state for _, slots in work for slot in slots if not slot.state]
+        slots = [slot for (_, group_slots), copy in zip(work, copies) if copy for slot in group_slots]
+        states = [slot.state for slot in slots if slot.state]
+        params = [slot.param for slot in slots]
+        copied_states, copied_params = _copy_all(states, params)
+        self._states = list(zip(states, copied_states))
+        self._params = list(zip(params, copied_params))
+
+    def undo(self) -> None:
+        for state in self._fresh:
+            state.clear()
+        for state, saved in self._states:
+            state.clear()
+            state.update(saved)
+        for param, saved in reversed(self._params):  # reversed: of two slots on one storage, the first copy wins
+            param.copy_(saved)
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory a new allocation on ``device`` can still get, or None where unknown: for a CUDA device the
+    driver's free memory plus what torch's caching allocator holds unused; for the CPU (Linux) the
+    kernel's MemAvailable (free memory plus reclaimable caches)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _numel_of(shapes: Any) -> int:
+    """Entries in an ``_expected_state_shapes`` value: a shape, None, or a list of them."""
+    if shapes is None:
+        return 0
+    if isinstance(shapes, list):
+        return sum(_numel_of(s) for s in shapes)
+    return math.prod(shapes)
 
 
 # ||G||_F above this (float32) may overflow a Gram matrix entry or its EMA (see without_overflowing_grams)
@@ -146,8 +268,36 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             group.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_distribution", make_distribution(None))
         self.__dict__.setdefault("_warned_skip", False)
-        self.__dict__.setdefault("_layouts", {})
+        if "_layouts" not in state:  # a copy made before the records travelled with it: rebuild them
+            self._layouts = self._current_layouts()
         self.__dict__.setdefault("_limits", {})
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # the layout records travel with the state they describe (deepcopy, pickle, torch.save of the
+        # optimizer), so that a copy refuses a layout change exactly as the original does
+        return {**super().__getstate__(), "_layouts": self._layouts}
+
+    def _current_layouts(self) -> Dict[torch.Tensor, Tuple[str, ...]]:
+        """Layout records for the state as it is, under the groups' current options."""
+        layouts = {}
+        for group in self.param_groups:
+            hyper = {key: as_number(value) for key, value in group.items() if key != "params"}
+            for param in group["params"]:
+                if self.state.get(param):
+                    layouts[param] = self._layout_key(hyper, param)
+        return layouts
+
+    def _prune_layouts(self) -> None:
+        """Keep only the records of parameters that are in a param group and have state: the records
+        follow ``self.state`` and ``param_groups`` (``state.pop(p)``, ``opt.state = defaultdict(dict)``,
+        a parameter removed from its group), so that a state rebuilt from nothing may take a new layout and
+        a removed parameter (and its ``.grad``) is not kept alive by them."""
+        if not self._layouts:
+            return
+        live = {id(param) for group in self.param_groups for param in group["params"]}
+        self._layouts = {
+            param: key for param, key in self._layouts.items() if id(param) in live and self.state.get(param)
+        }
 
     def _own_defaults(self) -> Dict[str, Any]:
         """This optimizer's defaults, without the keys torch.optim adds for itself (``differentiable``)."""
@@ -212,8 +362,15 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         return float(math.prod(shape))
 
     def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
-        """The largest gradient Frobenius norm the math can take in ``dtype`` without overflowing."""
-        return math.inf
+        """The largest gradient Frobenius norm the math can take in ``dtype`` without overflowing; a larger
+        one raises ``FloatingPointError`` (or skips the step under ``skip_nonfinite_grads``), nothing modified.
+
+        Default: sqrt(max) / 2 (9.2e18 in float32), for a second moment v = EMA(g^2) of the gradient's (or
+        rotated gradient's) entries, each at most ||G||_F. Above sqrt(max), g^2 overflows: v would be capped
+        at the dtype's max (or be inf), m / sqrt(v) would no longer be about 1, and a constant gradient of
+        1e25 would move a parameter by 1e2 in 5 steps at lr 1e-3. The factor 2 leaves room for the rounding
+        of a rotation. Optimizers whose step is bounded whatever the gradient return inf."""
+        return math.sqrt(torch.finfo(dtype).max) / 2
 
     # ----------------------------------------------------------------- step
     def _layout_options(self, hyper: Dict[str, Any]) -> Tuple[str, ...]:
@@ -242,9 +399,11 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         """Everything that can fail, before anything is modified: the groups to step and their slots,
         or None when the step is skipped (non-finite gradients under ``skip_nonfinite_grads``)."""
         name = type(self).__name__
+        self._prune_layouts()
         hypers = [self._check_group(group) for group in self.param_groups]
         for hyper, group in zip(hypers, self.param_groups):
             self._check_can_step(hyper, [p for p in group["params"] if p.grad is not None])
+        self._check_new_state_fits(hypers)
         for group_index, group in enumerate(self.param_groups):
             for param_index, param in enumerate(group["params"]):
                 if param.grad is not None:
@@ -258,7 +417,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             effective = []
             options = self._layout_options(hyper)
             for item in items:
-                if item.param in self._layouts:
+                if self._layouts.get(item.param) is not None:
                     self._check_layout(
                         options, item.param,
                         lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
@@ -279,6 +438,37 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             (hyper, [Slot(item.tensor, grad, self.state[item.param], item.param.shape) for item, grad in zip(items, effective)])
             for hyper, items, effective in zip(hypers, work, grads_per_group)
         ]
+
+    def _check_new_state_fits(self, hypers: Sequence[Dict[str, Any]]) -> None:
+        """MemoryError, before anything is allocated, when the state this step would create cannot fit.
+
+        SOAP's and Shampoo's first step allocates a d x d factor and basis per preconditioned axis: a
+        (100000, 2) parameter with ``max_precond_dim=100000`` asks for 80 GB, which on the CPU may be
+        granted lazily and end in the process being killed mid-step. The estimate is the state's own
+        bytes (``_expected_state_shapes``), per device; one process only (a rank keeps only its share)."""
+        if self._distribution.mode != "single":
+            return
+        need: Dict[torch.device, int] = defaultdict(int)
+        largest: Dict[torch.device, Tuple[int, str]] = {}
+        for group_index, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
+            for param_index, param in enumerate(group["params"]):
+                if param.grad is None or self.state.get(param):
+                    continue
+                dtype = state_dtype(param, hyper)
+                size = _numel_of(list(self._expected_state_shapes(param, hyper).values())) * dtype.itemsize
+                need[param.device] += size
+                if size > largest.get(param.device, (0, ""))[0]:
+                    largest[param.device] = (size, describe(group_index, param_index, param.shape))
+        for device, size in need.items():
+            free = available_bytes(device) if size > 2**26 else None  # below 64 MB: not worth a look
+            if free is not None and size > free:
+                biggest, where = largest[device]
+                raise MemoryError(
+                    f"{type(self).__name__}: the optimizer state this step would create needs {size / 2**30:.1f} GiB "
+                    f"on {device} ({biggest / 2**30:.1f} GiB for {where} alone), more than the {free / 2**30:.1f} GiB "
+                    f"available. Lower max_precond_dim (axes longer than it get no d x d factor), or use "
+                    f"one_sided=True / factorized=True (SOAP); nothing was modified"
+                )
 
     def _check_can_step(self, hyper: Dict[str, Any], params: Sequence[torch.Tensor]) -> None:
         """What the group's options need from its tensors: ``fused=True`` needs the kernels to run."""
@@ -344,9 +534,11 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if bad.get(first, False):
             reason = f"non-finite gradient (NaN or Inf, in the state's dtype) for {where}"
         else:
+            dtype = state_dtype(param, hypers[group_index])
             reason = (
-                f"gradient too large for {where}: its norm {math.sqrt(values[first]):.3e} is above what "
-                f"{type(self).__name__} can rotate in {state_dtype(param, hypers[group_index])} without overflow"
+                f"gradient too large for {where}: its norm {math.sqrt(values[first]):.3e} is above "
+                f"{self._max_grad_norm(param.shape, hypers[group_index], dtype):.3e}, the largest "
+                f"{type(self).__name__} can step in {dtype} without overflow"
             )
         skip = all(
             hypers[self._distribution.locate(self.param_groups, i)[0]]["skip_nonfinite_grads"] for i in problems
@@ -376,10 +568,17 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if prepared is None:
             return loss
         screen, work = prepared
-        with full_float32_matmul():  # the preconditioner's products ignore the user's TF32/bf16 settings
-            for hyper, slots in work:
-                if slots:
-                    self._step_group(hyper, slots, screen)
+        rollback = _Rollback(work, [not self._math_allocates_first(hyper, slots) for hyper, slots in work])
+        try:
+            with full_float32_matmul():  # the preconditioner's products ignore the user's TF32/bf16 settings
+                for hyper, slots in work:
+                    if slots:
+                        self._step_group(hyper, slots, screen)
+        except BaseException:
+            rollback.undo()
+            raise
+        del rollback
+        self._release_idle_buffers(work)
         self._distribution.scatter(self)
         for hyper, group in zip((h for h, _ in work), self.param_groups):
             for param in group["params"]:
@@ -389,6 +588,40 @@ class SoapOptimizerBase(torch.optim.Optimizer):
 
     def _step_group(self, hyper: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         raise NotImplementedError
+
+    def _math_allocates_first(self, hyper: Dict[str, Any], slots: List[Slot]) -> bool:
+        """Whether ``_step_group`` allocates every temporary before it modifies any tensor, so that an
+        exception (out of memory) can only come before anything changed and the step needs no backup copy
+        to undo itself (see ``_Rollback``). Default: not known, so the step keeps a transient copy."""
+        return False
+
+    def _release_idle_buffers(self, work) -> None:
+        """Give the state of every parameter not stepped this time storage of its own where it is a view
+        of a larger buffer (a row of a bucket's stacked buffer, see :mod:`soap_optim.buckets`).
+
+        A bucket whose membership changes (a parameter without a gradient: mixture-of-experts routing,
+        LayerDrop, frozen layers) is re-stacked into a new buffer holding only this step's members; the
+        others' rows would keep the old buffer alive whole (up to 4x the state's own bytes, and as much in
+        a saved state dict). One copy per parameter and membership change; a parameter that stays idle
+        holds its own storage from then on and costs a few attribute reads per step.
+        """
+        stepped = {id(slot.state) for _, slots in work for slot in slots}
+        if len(stepped) == sum(len(group["params"]) for group in self.param_groups):
+            return
+        # same-shaped entries left behind are re-stacked together: one copy op per (entry, shape), not per row
+        left: Dict[Tuple, List[Dict[str, Any]]] = defaultdict(list)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or id(state) in stepped:
+                    continue
+                for key, value in state.items():
+                    entries = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+                    for index, tensor in entries:
+                        if _views_a_larger_buffer(tensor):
+                            left[(key, index, tensor.shape, tensor.dtype, tensor.device)].append(state)
+        for (key, index, _, _, _), states in left.items():
+            stacked_state(states, key, index)
 
     # ----------------------------------------------------------------- state_dict
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:

@@ -30,7 +30,7 @@ from .eigenbasis import (
     zero_factors,
 )
 from .moment_math import adam_normalize, decay_then_update_, first_moment_ema_
-from .optimizer import Screen, Slot, SoapOptimizerBase
+from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
 from .validation import (
     check_betas,
     check_choice,
@@ -273,6 +273,13 @@ class Shampoo(SoapOptimizerBase):
         dims = [d for d in plan.factor_dims if d is not None]
         return 2 * numel * sum(dims) + sum(10 * d**3 for d in dims) / hyper["precondition_frequency"] + 10 * numel
 
+    def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
+        """The base's limit for the "adam"/"rmsprop" grafts (they square the gradient); none for "sgd" and
+        "none", which never square it (the factors' Gram matrices are guarded by ``update_factors_``)."""
+        if hyper["grafting"] in ("adam", "rmsprop"):
+            return super()._max_grad_norm(shape, hyper, dtype)
+        return math.inf
+
     def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         for slot in slots:
             plan = plan_for_shape(slot.shape, group)
@@ -281,7 +288,7 @@ class Shampoo(SoapOptimizerBase):
             grad = plan.to_merged(slot.grad)
             state = slot.state
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = new_step_count()
                 state["exp_avg"] = torch.zeros_like(grad)
                 state["factors"] = zero_factors(plan.factor_dims, dtype=grad.dtype, device=grad.device)
                 state["roots"] = [

@@ -21,10 +21,10 @@ from .eigenbasis import (
     without_overflowing_grams,
     zero_factors,
 )
-from .buckets import flat_state, stacked_state
+from .buckets import flat_state, own_storage, stacked_state
 from .dispatch import get_ops, resolve_ops
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
-from .optimizer import Screen, Slot, SoapOptimizerBase
+from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
 from .validation import (
     check_betas,
     check_bool,
@@ -248,13 +248,8 @@ class SOAP(SoapOptimizerBase):
         refresh = sum(4 * d**3 + 2 * numel * d for d in dims) / hyper["precondition_frequency"]
         return 3 * numel * sum(dims) + refresh + 10 * numel
 
-    def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
-        """The rotation's partial sums are bounded by ||G||_F (orthonormal columns, Cauchy-Schwarz), and so
-        are the first moment's entries: ||G||_F <= max/2 keeps every product and EMA finite, with a
-        factor 2 to spare for rounding."""
-        if not plan_for_shape(shape, hyper).is_preconditioned:
-            return math.inf
-        return torch.finfo(dtype).max / 2
+    # _max_grad_norm: the base's sqrt(max)/2. The rotation's partial sums are bounded by ||G||_F (orthonormal
+    # columns, Cauchy-Schwarz), so the rotated entries, their squares and every EMA stay finite below it.
 
     def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         guard = screen.grams_may_overflow
@@ -324,7 +319,7 @@ def _init_state(
     state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float, factored: bool, guard: bool = True
 ) -> None:
     """First step for a parameter: build factors and the first bases from ``grad``; no update."""
-    state["step"] = torch.tensor(0.0)
+    state["step"] = new_step_count()
     # contiguous whatever the gradient's strides (a channels_last merge gives a permuted view)
     state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
     if factored:
@@ -547,6 +542,8 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> 
     )
     if len(items) == 1:
         item = items[0]
+        own_storage([item.state], "exp_avg")  # out of a flat buffer that other members have left
+        own_storage([item.state], "exp_avg_sq")
         ops.adam_(item.param, item.grad, item.state["exp_avg"], item.state["exp_avg_sq"], **kwargs)
         return
     states = [item.state for item in items]

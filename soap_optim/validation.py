@@ -1,8 +1,12 @@
 """Argument checks shared by every optimizer: each raises ValueError naming the bad value.
 
-Real-valued hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ...) may be Python numbers or
-0-d floating-point tensors (what torch's LR schedulers and ``capturable`` users set); any other tensor
-is rejected. The step reads every value as a Python float (see :func:`as_number`).
+Real-valued hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ...) may be Python numbers
+(``int``, ``float`` and their subclasses, numpy's float64 included) or one-element floating-point tensors
+of any shape (0-d, ``[1]``, ``[1, 1]``: what torch.optim takes, and what its LR schedulers and
+``capturable`` users set); betas may be a tuple or a list. Anything else (a numpy float32, a tensor of
+several elements) is rejected with a ValueError naming the argument, at construction, ``add_param_group``
+or ``load_state_dict``, never mid-step. The step reads every value as the equal Python float (see
+:func:`as_number`).
 """
 from __future__ import annotations
 
@@ -14,14 +18,19 @@ import torch
 
 def _as_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or not value.is_floating_point():
+        if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(
-                f"{name} must be a Python number or a 0-d floating-point tensor, got a tensor of shape "
-                f"{tuple(value.shape)} and dtype {value.dtype}"
+                f"{name} must be a Python number or a one-element (0-d, [1], [1, 1]) floating-point tensor, "
+                f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
             )
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+    # Python's int and float only (and their subclasses): other numbers.Real types, numpy's float32 first of
+    # all, are not floats and would reach the math as what they are (torch.optim refuses them too)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"{name} must be a Python number (int or float) or a one-element floating-point tensor, got "
+            f"{value!r} of type {type(value).__module__}.{type(value).__qualname__}"
+        )
     return float(value)
 
 
@@ -55,6 +64,12 @@ def check_non_negative(name: str, value) -> None:
         raise ValueError(f"Invalid {name}: {value} (must be finite and >= 0)")
 
 
+def check_non_positive(name: str, value) -> None:
+    value = _as_float(name, value)
+    if not (value <= 0.0 and math.isfinite(value)):
+        raise ValueError(f"Invalid {name}: {value} (must be a finite number <= 0)")
+
+
 def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
@@ -71,9 +86,10 @@ def check_bool(name: str, value) -> None:
 
 
 def as_number(value):
-    """A 0-d tensor hyperparameter as a Python float (tuples/lists element-wise); anything else as is."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
+    """A one-element tensor hyperparameter as the equal Python float (tuples and lists element-wise, as a
+    tuple); anything else as is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
-    if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
         return tuple(as_number(v) for v in value)
     return value

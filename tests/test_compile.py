@@ -137,9 +137,11 @@ def _check_compiled_step(entry):
 def test_compiled_step_settles_and_is_bitwise(entry):
     frames, graphs, breaks = _check_compiled_step(entry)
     # measured 62, 6, 9 on one machine and 74, 3, 7 on another (Zen 4, this test alone, before and after
-    # the distribution layer's rewrite): the frame count depends on the machine and on what ran before
-    # (the step skeleton validates and screens in Python before the math: more frames)
-    assert frames <= 80 and graphs <= 8 and breaks <= 12, (frames, graphs, breaks)
+    # the distribution layer's rewrite); 98, 3, 7 in the full suite once the step skeleton also prunes the
+    # layout records, estimates the memory of new state, notes what a failed step must undo and releases
+    # idle bucket rows: the frame count depends on the machine and on what ran before (the skeleton
+    # validates and screens in Python before the math); graphs and breaks are what must not grow
+    assert frames <= 110 and graphs <= 8 and breaks <= 12, (frames, graphs, breaks)
     assert not _recompile_limit_hit()  # Adam steps a group at once: nothing is specialized per parameter
 
 

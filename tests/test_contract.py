@@ -347,17 +347,18 @@ def test_tensor_lr_equals_float_lr(entry, lr, tensor_lr):
     assert not torch.equal(params_of(a)[0], params_of(make_model())[0])
 
 
-def test_tensor_hyperparameters_other_than_0d_are_rejected(entry):
-    """Real-valued hyperparameters are numbers or 0-d tensors; a shape-[1] tensor is a ValueError naming it,
-    at construction and when a scheduler or the user sets it before a step (nothing modified)."""
+def test_tensor_hyperparameters_other_than_one_element_are_rejected(entry):
+    """Real-valued hyperparameters are numbers or one-element tensors (0-d, [1], [1, 1], as torch.optim
+    takes them); a tensor of several elements is a ValueError naming it, at construction and when a
+    scheduler or the user sets it before a step (nothing modified)."""
     model = make_model()
-    with pytest.raises(ValueError, match="lr must be a Python number or a 0-d"):
-        entry.make(model.parameters(), lr=torch.tensor([0.01]))
+    with pytest.raises(ValueError, match="lr must be a Python number or a one-element"):
+        entry.make(model.parameters(), lr=torch.tensor([0.01, 0.02]))
     opt = entry.make(model.parameters())
     train(model, opt, entry.warmup_steps + 1)
     before = optimizer_snapshot(opt), [p.detach().clone() for p in model.parameters()]
-    opt.param_groups[0]["lr"] = torch.tensor([0.01])
-    with pytest.raises(ValueError, match="lr must be a Python number or a 0-d"):
+    opt.param_groups[0]["lr"] = torch.tensor([0.01, 0.02])
+    with pytest.raises(ValueError, match="lr must be a Python number or a one-element"):
         train(model, opt, 1)
     assert_bitwise_equal(optimizer_snapshot(opt), before[0])
     assert_bitwise_equal([p.detach() for p in model.parameters()], before[1])

@@ -141,13 +141,21 @@ def test_a_float64_gradient_that_overflows_float32_state_is_refused(entry):
 @pytest.mark.parametrize("entry", entry_params())
 def test_orthograd_on_gradients_near_float32_max_stays_finite(entry):
     """orthograd's dot products are taken on power-of-two-scaled vectors, so a finite gradient near the
-    max gives a finite gradient of the same norm, and parameters and state stay finite."""
+    max gives a finite gradient of the same norm, and parameters and state stay finite. An optimizer that
+    squares gradients refuses that norm (above sqrt(max)/2) after orthograd, with nothing modified."""
     model = make_model()
     opt = entry.make(model.parameters(), orthograd=True)
+    refuses = opt._max_grad_norm(model[0].weight.shape, opt.param_groups[0], torch.float32) < 1e36
     for step in range(entry.warmup_steps + 3):
         gen = torch.Generator().manual_seed(step)
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=gen) * 1e37 / max(p.numel(), 1) ** 0.5
+        if refuses:
+            before = [p.detach().clone() for p in model.parameters()]
+            with pytest.raises(FloatingPointError, match="gradient too large"):
+                opt.step()
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
+            continue
         opt.step()
     for p in model.parameters():
         assert torch.isfinite(p).all()
@@ -159,24 +167,25 @@ def test_orthograd_on_gradients_near_float32_max_stays_finite(entry):
 
 @pytest.mark.parametrize("foreach", [False, None])
 def test_soap_refuses_a_gradient_too_large_to_rotate(foreach):
-    """||G||_F above float32's max / 2 could overflow the rotation's partial sums: refused before anything
-    is modified. Just under it (sign-alternating entries near the max included) the step is finite; a
-    bias (not rotated) takes any finite gradient, as torch's Adam does."""
+    """||G||_F above sqrt(float32's max) / 2 could overflow the squares of the rotated gradient (each entry
+    at most ||G||_F): refused before anything is modified. Just under it (sign-alternating entries
+    included) the step is finite, with every second moment finite and below the max (no capping)."""
     weight, bias = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
     opt = SOAP([weight, bias], foreach=foreach)
     for step in range(3):
         weight.grad, bias.grad = torch.randn(4, 4), torch.randn(4)
         opt.step()
-    big = torch.finfo(torch.float32).max
+    limit = torch.finfo(torch.float32).max ** 0.5 / 2
     signs = torch.tensor([[1.0, -1.0, 1.0, -1.0]] * 4)
-    weight.grad = signs * (big / 9)  # ||G||_F = 4/9 max
-    bias.grad = torch.full((4,), big / 2)
+    weight.grad = signs * (limit / 4.01)  # ||G||_F just under the limit
+    bias.grad = torch.full((4,), limit / 2.01)
     opt.step()
     assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
-    assert all(torch.isfinite(v).all() for v in (opt.state[weight]["exp_avg"], opt.state[weight]["exp_avg_sq"]))
+    for v in (opt.state[weight]["exp_avg"], opt.state[weight]["exp_avg_sq"], opt.state[bias]["exp_avg_sq"]):
+        assert torch.isfinite(v).all() and (v < torch.finfo(torch.float32).max).all()
     before = weight.detach().clone(), optimizer_snapshot(opt)
-    weight.grad = signs * (big / 4)  # ||G||_F = max
-    with pytest.raises(FloatingPointError, match=r"gradient too large for parameter 0 .*norm 3.40\de\+38"):
+    weight.grad = signs * (limit / 3.9)  # ||G||_F just over the limit
+    with pytest.raises(FloatingPointError, match=r"gradient too large for parameter 0 .*norm 9.46\de\+18"):
         opt.step()
     assert_bitwise_equal(weight.detach(), before[0])
     assert_bitwise_equal(optimizer_snapshot(opt), before[1])

@@ -491,8 +491,8 @@ def test_tensor_lr_equals_float_lr(info, oi):
 
 @pytest.mark.parametrize("info", _info_params())
 def test_tensor_betas_equal_float_betas(info):
-    """0-d tensor betas step exactly as float betas; shape-[1] ones (which torch.optim also takes) are
-    outside soap_optim's documented types: a ValueError naming them, at construction."""
+    """0-d tensor betas step exactly as float betas (one-element ones of other shapes too, see
+    test_trust_round3); a tensor of several elements is a ValueError naming it, at construction."""
     if "betas" not in default_input(info).kwargs:
         pytest.skip(f"{info.optim_cls.__name__} has no betas pair (beta1 and beta2_decay instead)")
     oi = default_input(info)
@@ -504,8 +504,8 @@ def test_tensor_betas_equal_float_betas(info):
     betas = (torch.tensor(beta1, dtype=torch.float64), torch.tensor(beta2, dtype=torch.float64))
     run(info.optim_cls(b, **kwargs_of(oi, betas=betas)), b, 0, steps)
     assert_bitwise_equal(values(b), values(a))
-    with pytest.raises(ValueError, match=r"betas\[0\] must be a Python number or a 0-d"):
-        info.optim_cls(make_params(), **kwargs_of(oi, betas=(torch.tensor([beta1]), beta2)))
+    with pytest.raises(ValueError, match=r"betas\[0\] must be a Python number or a one-element"):
+        info.optim_cls(make_params(), **kwargs_of(oi, betas=(torch.tensor([beta1, beta1]), beta2)))
 
 
 # ----------------------------------------------------------------------------- foreach vs for-loop
