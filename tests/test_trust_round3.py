@@ -284,6 +284,29 @@ def test_failure_late_in_a_step_changes_nothing(name, make, target, monkeypatch)
     assert_bitwise_equal(optimizer_snapshot(opt), optimizer_snapshot(control_opt))
 
 
+@pytest.mark.parametrize("name,make,target", LATER_FAILURES[:1], ids=[LATER_FAILURES[0][0]])
+def test_rollback_on_error_false_keeps_no_copy(name, make, target, monkeypatch):
+    """The opt-out: no transient copy is taken (the failed step is then not undone), while the default
+    copies the stepped parameters and state once per step."""
+    import soap_optim.optimizer as base
+
+    copied = []
+    original = base._copy_all
+    monkeypatch.setattr(base, "_copy_all", lambda states, params: copied.append(len(params)) or original(states, params))
+    opt = make()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    _train(opt, params, 2)
+    assert copied and max(copied) > 0
+    copied.clear()
+    for group in opt.param_groups:
+        group["rollback_on_error"] = False
+    _train(opt, params, 2, start=2)
+    assert copied and max(copied) == 0
+    with pytest.raises(ValueError, match="rollback_on_error"):
+        opt.param_groups[0]["rollback_on_error"] = "yes"
+        opt.step()
+
+
 class _OpOrder(TorchDispatchMode):
     """Records, for every aten op, whether it writes into an existing tensor or allocates a new one."""
 
