@@ -2,7 +2,7 @@
 parameters): see :mod:`.layer` for the step, :mod:`.placements` and :mod:`.plan` for who holds and who
 steps what, :mod:`.exchange` for the collectives and :mod:`.checkpoint` for state dicts. The design, with
 what is exact and why, is in ``docs/distributed.md``."""
-from .layer import LOCAL, Distribution, WorkItem, chunk_rows
+from .layer import Distribution, WorkItem, chunk_rows
 from .ownership import assign_owners, balance
 
 
@@ -11,4 +11,4 @@ def make_distribution(process_group=None, shard_over_replicas: bool = False) -> 
     return Distribution(process_group, shard_over_replicas=shard_over_replicas)
 
 
-__all__ = ["LOCAL", "Distribution", "WorkItem", "assign_owners", "balance", "chunk_rows", "make_distribution"]
+__all__ = ["Distribution", "WorkItem", "assign_owners", "balance", "chunk_rows", "make_distribution"]

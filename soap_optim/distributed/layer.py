@@ -29,9 +29,6 @@ from .exchange import CommStats, all_reduce_sum, all_to_all
 from .placements import Layout, dtensor_layout, is_dtensor, replicated_layout, root_mesh, single_layout
 from .plan import Role, build_roles
 
-LOCAL = -1  # kept for callers that print roles: a parameter stepped where it is
-
-
 class WorkItem(NamedTuple):
     """A parameter this rank steps now: ``tensor`` and ``grad`` are what the math works on."""
 
@@ -98,9 +95,6 @@ class Distribution:
         self._refuse_flat(optimizer, params)
         self._derive(params, check_only=True)
         self._built_shapes.append([tuple(p.shape) for p in params])
-
-    def forget_groups(self, count: int) -> None:
-        del self._built_shapes[count:]
 
     def _refuse_flat(self, optimizer, params: Sequence[torch.Tensor]) -> None:
         if not optimizer._needs_shapes():
