@@ -37,6 +37,7 @@ from .buckets import stacked_state
 from .dispatch import fused_problem
 from .distributed import Distribution, make_distribution
 from .distributed import checkpoint as distributed_checkpoint
+from .state_tree import map_tensors
 from .gradient_check import describe
 from .precision import full_float32_matmul
 from .validation import as_number, check_bool, check_choice
@@ -74,21 +75,9 @@ class Slot(NamedTuple):
     shape: torch.Size  # the parameter's (global) shape, which plans are made from
 
 
-def _map_state(value: Any, fn) -> Any:
-    """``value`` (a tensor, or a list/tuple/dict of them) with every tensor ``t`` replaced by ``fn(t)``,
-    in depth-first order."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map_state(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_state(v, fn) for v in value)
-    return value
-
-
 def _cast_state(value: Any, *, device, dtype) -> Any:
     """Copy ``value`` (a tensor, or a list/tuple/dict of them) with floating tensors in ``dtype``."""
-    return _map_state(
+    return map_tensors(
         value,
         lambda t: t.to(device=device, dtype=dtype, copy=True) if t.is_floating_point() else t.to(device=device, copy=True),
     )

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..state_tree import map_tensors
 from .exchange import all_to_all
 from .placements import Region, is_dtensor, is_shard, placements_on_root, region_at
 
@@ -42,16 +43,6 @@ def called_by_torch_checkpoint() -> bool:
             return True
         frame = frame.f_back
     return False
-
-
-def map_tensors(value: Any, fn) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(v, fn) for v in value)
-    return value
 
 
 def leaves(value: Any) -> List[torch.Tensor]:
