@@ -121,6 +121,12 @@ class SOAP(SoapOptimizerBase):
             float32-level accuracy), ``"tf32"`` or ``"bf16"`` (operands rounded to nearest; float32
             accumulation always). The twins round exactly as the kernels do, and the user's global
             matmul settings never apply. The one-parameter path always uses ``"fp32"``.
+        refresh_tolerance: ``0`` (default): every due refresh runs. ``> 0``: a due refresh of a
+            basis :math:`Q` runs only where :math:`Q^\top F Q` has drifted from diagonal, relative
+            off-diagonal Frobenius mass above the tolerance (read from the power step :math:`F Q`
+            at no extra product); elsewhere the basis, the moments' order and :math:`m` stay as they
+            are and the QR is skipped. Makes a frequent ``precondition_frequency`` cheap once the
+            bases settle.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
@@ -163,6 +169,7 @@ class SOAP(SoapOptimizerBase):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         rotation_precision: str = "fp32",
+        refresh_tolerance: float = 0.0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -187,6 +194,7 @@ class SOAP(SoapOptimizerBase):
             foreach=foreach,
             fused=fused,
             rotation_precision=rotation_precision,
+            refresh_tolerance=refresh_tolerance,
         )
         super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
@@ -205,6 +213,7 @@ class SOAP(SoapOptimizerBase):
         check_non_negative("eps", group["eps"])
         check_non_negative("weight_decay", group["weight_decay"])
         check_positive_int("precondition_frequency", group["precondition_frequency"])
+        check_non_negative("refresh_tolerance", group["refresh_tolerance"])
         check_plan_options(group)
         for flag in ("normalize_grads", "correct_bias", "factorized"):
             check_bool(flag, group[flag])
@@ -399,7 +408,10 @@ def _maybe_refresh_(state: Dict[str, Any], step: int, group: Dict[str, Any]) -> 
     if step % group["precondition_frequency"] != 0:
         return
     bases = _as_batch_of_one(state["bases"])
-    orders = refresh_bases_(_as_batch_of_one(state["factors"]), bases, state["exp_avg"].unsqueeze(0), batch_dims=1)
+    orders = refresh_bases_(
+        _as_batch_of_one(state["factors"]), bases, state["exp_avg"].unsqueeze(0), batch_dims=1,
+        tolerance=group["refresh_tolerance"],
+    )
     for axis, (basis, order) in enumerate(zip(bases, orders)):
         if order is not None:
             state["bases"][axis] = basis[0]
@@ -469,7 +481,7 @@ def soap_bucket_update_(
     if all(due):
         # the whole bucket refreshes at once: one batched QR per axis, bases rewritten in place
         bases = list(stacked_bases)
-        orders = refresh_bases_(stacked_factors, bases, exp_avg, batch_dims=1)
+        orders = refresh_bases_(stacked_factors, bases, exp_avg, batch_dims=1, tolerance=group["refresh_tolerance"])
         permute_axes_(exp_avg_sq, orders, batch_dims=1)
         for stack, new in zip(stacked_bases, bases):
             if stack is not None and new is not stack:

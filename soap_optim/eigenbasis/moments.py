@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..precision import full_float32_matmul
-from .bases import refreshed_basis
+from .bases import refreshed_basis_where_drifted
 from .projection import project, project_back
 
 Orders = List[Optional[torch.Tensor]]
@@ -24,23 +24,37 @@ def refresh_bases_(
     bases: List[Optional[torch.Tensor]],
     exp_avg: Optional[torch.Tensor] = None,
     batch_dims: int = 0,
+    tolerance: float = 0.0,
 ) -> Orders:
     """In place: refresh every basis that has a factor and rotate ``exp_avg`` into the new bases.
 
     ``exp_avg`` is in the merged layout and the current eigenbasis (None: nothing to carry).
     Returns, per axis, the order of the old columns in the new basis (None: axis unchanged).
     With ``batch_dims=1`` everything is a stack over a leading batch axis (see ``projection``).
+    ``tolerance`` > 0: only bases that drifted more than that from their factor's eigenbasis are
+    refreshed (see ``bases.basis_drift``); a tensor none of whose bases changed keeps ``exp_avg`` bit for bit.
     """
     old_bases = list(bases)
     orders: Orders = [None] * len(bases)
+    changed: Optional[torch.Tensor] = None  # per tensor of the stack: a basis of it was refreshed
     for axis, (factor, basis) in enumerate(zip(factors, bases)):
         if factor is None:
             continue
-        result = refreshed_basis(factor, basis)
-        if result is not None:
-            bases[axis], orders[axis] = result
-    if exp_avg is not None and any(order is not None for order in orders):
-        exp_avg.copy_(project(project_back(exp_avg, old_bases, batch_dims), bases, batch_dims))
+        result = refreshed_basis_where_drifted(factor, basis, tolerance)
+        if result is None:
+            continue
+        new_basis, order, refreshed = result
+        if refreshed is None:
+            bases[axis], orders[axis] = new_basis, order
+        elif bool(refreshed.any()):
+            bases[axis], orders[axis] = new_basis, order
+            changed = refreshed if changed is None else changed | refreshed
+    if exp_avg is None or all(order is None for order in orders):
+        return orders
+    rotated = project(project_back(exp_avg, old_bases, batch_dims), bases, batch_dims)
+    if changed is not None and not bool(changed.all()):
+        rotated = torch.where(changed.reshape(changed.shape + (1,) * (exp_avg.dim() - changed.dim())), rotated, exp_avg)
+    exp_avg.copy_(rotated)
     return orders
 
 
