@@ -127,6 +127,10 @@ class SOAP(SoapOptimizerBase):
             at no extra product); elsewhere the basis, the moments' order and :math:`m` stay as they
             are and the QR is skipped. Makes a frequent ``precondition_frequency`` cheap once the
             bases settle.
+        rotate_second_moment: on a refresh, carry :math:`v` to the new basis as a diagonal,
+            :math:`v \leftarrow v \times_k (Q_k^{\text{old}\top} Q_k^{\text{new}})^{\circ 2}`
+            (HeavyBall's "variance rotation"), instead of only permuting it as the reference does.
+            Not with ``factorized``.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
@@ -170,6 +174,7 @@ class SOAP(SoapOptimizerBase):
         fused: Optional[bool] = None,
         rotation_precision: str = "fp32",
         refresh_tolerance: float = 0.0,
+        rotate_second_moment: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -195,6 +200,7 @@ class SOAP(SoapOptimizerBase):
             fused=fused,
             rotation_precision=rotation_precision,
             refresh_tolerance=refresh_tolerance,
+            rotate_second_moment=rotate_second_moment,
         )
         super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
@@ -215,8 +221,11 @@ class SOAP(SoapOptimizerBase):
         check_positive_int("precondition_frequency", group["precondition_frequency"])
         check_non_negative("refresh_tolerance", group["refresh_tolerance"])
         check_plan_options(group)
-        for flag in ("normalize_grads", "correct_bias", "factorized"):
+        for flag in ("normalize_grads", "correct_bias", "factorized", "rotate_second_moment"):
             check_bool(flag, group[flag])
+        if group["rotate_second_moment"] and group["factorized"]:
+            raise ValueError("rotate_second_moment needs the full second moment; factorized=True keeps row and "
+                             "column sums (use one of the two)")
         for flag in ("foreach", "fused"):
             if group[flag] is not None:
                 check_bool(flag, group[flag])
@@ -408,13 +417,16 @@ def _maybe_refresh_(state: Dict[str, Any], step: int, group: Dict[str, Any]) -> 
     if step % group["precondition_frequency"] != 0:
         return
     bases = _as_batch_of_one(state["bases"])
+    rotate = group["rotate_second_moment"]
     orders = refresh_bases_(
         _as_batch_of_one(state["factors"]), bases, state["exp_avg"].unsqueeze(0), batch_dims=1,
-        tolerance=group["refresh_tolerance"],
+        tolerance=group["refresh_tolerance"], exp_avg_sq=state["exp_avg_sq"].unsqueeze(0) if rotate else None,
     )
     for axis, (basis, order) in enumerate(zip(bases, orders)):
         if order is not None:
             state["bases"][axis] = basis[0]
+    if rotate:  # carried to the new bases inside refresh_bases_
+        return
     if "exp_avg_sq" in state:
         permute_axes_(state["exp_avg_sq"].unsqueeze(0), orders, batch_dims=1)
     else:
@@ -481,8 +493,13 @@ def soap_bucket_update_(
     if all(due):
         # the whole bucket refreshes at once: one batched QR per axis, bases rewritten in place
         bases = list(stacked_bases)
-        orders = refresh_bases_(stacked_factors, bases, exp_avg, batch_dims=1, tolerance=group["refresh_tolerance"])
-        permute_axes_(exp_avg_sq, orders, batch_dims=1)
+        rotate = group["rotate_second_moment"]
+        orders = refresh_bases_(
+            stacked_factors, bases, exp_avg, batch_dims=1, tolerance=group["refresh_tolerance"],
+            exp_avg_sq=exp_avg_sq if rotate else None,
+        )
+        if not rotate:
+            permute_axes_(exp_avg_sq, orders, batch_dims=1)
         for stack, new in zip(stacked_bases, bases):
             if stack is not None and new is not stack:
                 stack.copy_(new)

@@ -49,3 +49,17 @@ def test_negative_tolerance_is_refused_before_anything_changes():
     param = torch.nn.Parameter(torch.ones(3, 3))
     with pytest.raises(ValueError, match="refresh_tolerance"):
         SOAP([param], refresh_tolerance=-0.1)
+
+
+def test_second_moment_rotation_changes_the_trajectory_and_keeps_state_finite():
+    permuted, permuted_opt = _train(precondition_frequency=2)
+    rotated, rotated_opt = _train(precondition_frequency=2, rotate_second_moment=True)
+    assert any(not torch.equal(a, b) for a, b in zip(permuted, rotated))
+    for p in rotated:
+        state = rotated_opt.state[p]
+        assert bool(torch.isfinite(state["exp_avg_sq"]).all()) and bool((state["exp_avg_sq"] >= 0).all())
+
+
+def test_second_moment_rotation_with_a_factored_second_moment_is_refused():
+    with pytest.raises(ValueError, match="rotate_second_moment"):
+        SOAP([torch.nn.Parameter(torch.ones(3, 3))], rotate_second_moment=True, factorized=True)
