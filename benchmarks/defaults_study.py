@@ -127,14 +127,16 @@ def markdown(results: Dict[str, Any]) -> str:
     lines = []
     for name, section in results["tasks"].items():
         lines += [f"### {name}: {section['task']}", "",
-                  "| setting | lr (chosen) | final loss [95%] | % of AdamW's steps [95%] | reached | ms/step |",
-                  "|---|---:|---|---|---:|---:|"]
+                  "| setting | lr (chosen) | final loss [95%] | steps to target [95%] | % of AdamW's steps [95%] | reached | ms/step |",
+                  "|---|---:|---|---|---|---:|---:|"]
         for key, entry in section["table"]["optimizers"].items():
             final, frac, ms = entry["final"], entry["fraction_of_reference_steps"], entry["ms_per_step"]
             fmt = lambda i, s="{:.4g}": "–" if i.get("mean") is None else (  # noqa: E731
                 s.format(i["mean"]) + (f" [{s.format(i['low'])}, {s.format(i['high'])}]" if i.get("low") is not None else ""))
             pct = "–" if frac.get("mean") is None else fmt({k: (v * 100 if v is not None else None) for k, v in frac.items()}, "{:.0f}")
-            lines.append(f"| {section['labels'][entry['key']]} | {entry['lr']:g} | {fmt(final)} | {pct} | "
+            steps = fmt(entry["steps_to_target"], "{:.0f}")
+            edge = " (grid edge)" if entry["key"] in section["grid"].get("at_edge", []) else ""
+            lines.append(f"| {section['labels'][entry['key']]} | {entry['lr']:g}{edge} | {fmt(final)} | {steps} | {pct} | "
                          f"{entry['reached']}/{len(entry['seeds'])} | {ms.get('mean') or 0:.1f} |")
         lines.append("")
     return "\n".join(lines)
@@ -147,7 +149,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--grid", default="1,2.5,6", help="lr multiples of each task's shared lr")
     parser.add_argument("--out", type=Path, default=Path("study_out"))
+    parser.add_argument("--render", type=Path, default=None, help="only rewrite the tables of an earlier study.json")
     args = parser.parse_args()
+    if args.render is not None:
+        print(markdown(json.loads(args.render.read_text(encoding="utf-8"))))
+        return
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings()

@@ -145,6 +145,13 @@ class SOAP(SoapOptimizerBase):
     overflow.
     """
 
+    #: The reference implementation's defaults (Vyas et al.'s code): ``SOAP(params, **SOAP.REFERENCE)``.
+    REFERENCE = dict(
+        lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1, eps=1e-8, weight_decay=0.01, precondition_frequency=10,
+        max_precond_dim=10000, merge_dims=False, precondition_1d=False, normalize_grads=False,
+        data_format="channels_first", correct_bias=True,
+    )
+
     def __init__(
         self,
         params,
