@@ -79,6 +79,13 @@ def candidates(family: str, steps: int) -> Dict[str, Tuple[str, Any, Dict[str, A
             "b90-f2to10": (f"betas (.9,.95), f 2 for {early} steps, then 10", scheduled(cls, [(early, 2)], 10),
                            dict(betas=(0.9, 0.95), precondition_frequency=2)),
         }
+    if family == "soap-variants":  # each flag alone on SOAP's class defaults
+        cls = soap_optim.SOAP
+        return {
+            "defaults": ("SOAP defaults", cls, {}),
+            "rotate-v": ("+ rotate_second_moment", cls, dict(rotate_second_moment=True)),
+            "tolerance": ("+ refresh_tolerance 0.05", cls, dict(refresh_tolerance=0.05)),
+        }
     if family == "shampoo":
         cls = soap_optim.Shampoo
         return {
@@ -96,20 +103,23 @@ def candidates(family: str, steps: int) -> Dict[str, Tuple[str, Any, Dict[str, A
     raise ValueError(f"unknown family {family!r}")
 
 
-def specs_for(family: str, steps: int) -> List[OptimizerSpec]:
+def specs_for(family: str, steps: int, only: List[str] = ()) -> List[OptimizerSpec]:
     adamw = OptimizerSpec(BASELINE, "torch AdamW (0.9, 0.999)", "torch", torch.optim.AdamW,
                           lambda h: dict(lr=h.lr, betas=(0.9, 0.999), eps=h.eps, weight_decay=h.weight_decay, foreach=True))
     out = [adamw]
     for key, (label, cls, kwargs) in candidates(family, steps).items():
+        if only and key not in only:
+            continue
         out.append(OptimizerSpec(f"{family}:{key}", label, "soap_optim", cls,
                                  lambda h, kw=kwargs: dict(kw, lr=h.lr, eps=h.eps, weight_decay=h.weight_decay)))
     return out
 
 
-def study_task(name: str, settings: Settings, family: str, seeds: List[int], grid: List[float]) -> Dict[str, Any]:
+def study_task(name: str, settings: Settings, family: str, seeds: List[int], grid: List[float],
+               only: List[str] = ()) -> Dict[str, Any]:
     device = torch.device("cpu")
     task = problems.TASKS[name](settings, device, validation=name != "lstsq")
-    specs = specs_for(family, task.steps)
+    specs = specs_for(family, task.steps, only)
     # the fine-tune's shared lr (3e-3, a first classifier's) is far below every optimizer's best: shift its grid up
     lrs = sorted({float(f"{task.lrs[0] * m * (2.5 if name == 'finetune' else 1):.6g}") for m in grid})
     started = time.perf_counter()
@@ -144,11 +154,13 @@ def markdown(results: Dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=("soap", "shampoo"), default="soap")
+    parser.add_argument("--family", choices=("soap", "soap-variants", "shampoo"), default="soap")
     parser.add_argument("--tasks", default="lm,digits,finetune,lstsq")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--grid", default="1,2.5,6", help="lr multiples of each task's shared lr")
     parser.add_argument("--out", type=Path, default=Path("study_out"))
+    parser.add_argument("--steps", type=int, default=Settings().steps, help="steps of the lm and digits tasks")
+    parser.add_argument("--only", default="", help="comma-separated candidate keys (default: all)")
     parser.add_argument("--render", type=Path, default=None, help="only rewrite the tables of an earlier study.json")
     args = parser.parse_args()
     if args.render is not None:
@@ -156,12 +168,13 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = Settings()
+    settings = Settings(steps=args.steps)
+    only = [key for key in args.only.split(",") if key]
     results: Dict[str, Any] = {"machine": machine.describe(torch.device("cpu")), "family": args.family,
-                               "seeds": list(range(args.seeds)), "tasks": {}}
+                               "seeds": list(range(args.seeds)), "steps": args.steps, "only": only, "tasks": {}}
     for name in args.tasks.split(","):
         results["tasks"][name] = study_task(name, settings, args.family, list(range(args.seeds)),
-                                            [float(m) for m in args.grid.split(",")])
+                                            [float(m) for m in args.grid.split(",")], only)
         print(f"{name}: {results['tasks'][name]['seconds']:.0f} s", flush=True)
         write_json(results, args.out / "study.json")
         (args.out / "study.md").write_text(markdown(results), encoding="utf-8")

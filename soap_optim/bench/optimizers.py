@@ -18,13 +18,26 @@ import torch
 BASELINE = "torch-adamw"
 
 
+def soap_class_defaults() -> Dict[str, Any]:
+    """``soap_optim.SOAP``'s own defaults of the settings every optimizer shares here."""
+    import inspect
+
+    import soap_optim
+
+    parameters = inspect.signature(soap_optim.SOAP.__init__).parameters
+    return {name: parameters[name].default for name in ("betas", "precondition_frequency")}
+
+
+SOAP_DEFAULTS = soap_class_defaults()
+
+
 @dataclass(frozen=True)
 class Hyper:
     lr: float = 1e-2
-    betas: Tuple[float, float] = (0.95, 0.95)
+    betas: Tuple[float, float] = SOAP_DEFAULTS["betas"]
     eps: float = 1e-8
     weight_decay: float = 0.01
-    precondition_frequency: int = 10
+    precondition_frequency: int = SOAP_DEFAULTS["precondition_frequency"]
     max_precond_dim: int = 10000
 
     def with_(self, **changes: Any) -> "Hyper":
