@@ -39,7 +39,6 @@ def arms(lr: float) -> Dict[str, Any]:
         "SOAP f 1": soap(betas=(0.9, 0.95), precondition_frequency=1),
         "SOAP f 2, tolerance 0.05": soap(betas=(0.9, 0.95), precondition_frequency=2, refresh_tolerance=0.05),
         "SOAP f 1, tolerance 0.05": soap(betas=(0.9, 0.95), precondition_frequency=1, refresh_tolerance=0.05),
-        "SOAP f 1, tolerance 0.1": soap(betas=(0.9, 0.95), precondition_frequency=1, refresh_tolerance=0.1),
     }
 
 

@@ -305,3 +305,16 @@ def test_diagnosis_runs_every_suspect_on_the_seeds():
     plain = result["optimizers"]["torch-adamw@0.003"]
     assert all(e["seeds"] == [0, 1] and e["final"]["n"] == 2 for e in result["optimizers"].values())
     assert skipped["final_per_seed"] != plain["final_per_seed"]  # one update fewer changes the result
+
+
+def test_shared_settings_are_soaps_class_defaults():
+    """The benchmark's shared betas and refresh period are SOAP's own defaults, read from the class."""
+    from soap_optim.bench.optimizers import Hyper
+    from soap_optim.bench.suite import Settings
+
+    group = soap_optim.SOAP([torch.nn.Parameter(torch.ones(2, 2))]).param_groups[0]
+    for shared in (Hyper(), Settings()):
+        assert tuple(shared.betas) == tuple(group["betas"])
+        assert shared.precondition_frequency == group["precondition_frequency"]
+    reference = soap_optim.SOAP([torch.nn.Parameter(torch.ones(2, 2))], **soap_optim.SOAP.REFERENCE).param_groups[0]
+    assert reference["betas"] == (0.95, 0.95) and reference["precondition_frequency"] == 10

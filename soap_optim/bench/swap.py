@@ -7,7 +7,7 @@ optimizer runs with exactly that, and its other arguments at its class's default
 
 Where SOAP ends behind AdamW, :mod:`.diagnosis` measures each suspect alone. Beside them, two SOAP settings a user moving from AdamW could change, each measured: the lr
 times ``--swap-lr-multiplier`` (SOAP's best lr is often a few times AdamW's), and SOAP's own default
-betas (0.95, 0.95).
+betas (read from its signature).
 """
 from __future__ import annotations
 
