@@ -30,7 +30,8 @@ def replay(name: str, run: str, dtype: torch.dtype, inject_q1: bool = False, opt
 
     optimizer_cls = optimizer_cls or SOAP
     data, meta = load_case(name)
-    hp = {**meta["hp"], **overrides}
+    # the trajectories were recorded with the reference implementation's defaults, stated explicitly here
+    hp = {**SOAP.REFERENCE, **meta["hp"], **overrides}
     if meta["model"] != "quad":
         raise NotImplementedError(meta["model"])
     params = []

@@ -211,7 +211,9 @@ SCHEDULERS = (
 # flags added after the optimizers' first release (torch's not_og_supported_flags): a state dict
 # written before they existed lacks them, and loading must fill in the defaults
 _NEW_FLAGS = ("maximize", "orthograd", "state_dtype", "foreach", "fused")
-_SOAP_NEW_FLAGS = _NEW_FLAGS + ("one_sided", "one_sided_dim", "factorized", "rotation_precision")
+_SOAP_NEW_FLAGS = _NEW_FLAGS + (
+    "one_sided", "one_sided_dim", "factorized", "rotation_precision", "refresh_tolerance", "rotate_second_moment",
+)
 
 _COMMON = dict(supports_complex=False, supports_sparse=False, scheduler_inputs=(SCHEDULERS,))
 
@@ -264,6 +266,7 @@ OPTIM_INFOS: List[SoapOptimizerInfo] = [
     _soap_info("soap-for-loop", {"foreach": False}),
     _soap_info("soap-precondition_1d", {"precondition_1d": True}),
     _soap_info("soap-merge_dims", {"merge_dims": True}),
+    _soap_info("soap-rotate_second_moment-refresh_tolerance", {"rotate_second_moment": True, "refresh_tolerance": 0.05}),
     SoapOptimizerInfo(
         Shampoo,
         variant="shampoo",

@@ -12,6 +12,7 @@ import soap_optim
 from soap_optim.bench import cli, report, tasks
 
 TINY = dict(width=8, depth=1, context=8)
+MUON = ",torch-muon" if hasattr(torch.optim, "Muon") else ""  # the arm is skipped with a note on older torch
 
 
 def _numbers(value, path="$"):
@@ -196,7 +197,7 @@ def test_choose_uses_the_selection_metric_not_the_reported_one():
 def seeded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("seeded")
     argv = [
-        "--optimizers", "torch-adamw,soap",
+        "--optimizers", "torch-adamw,soap" + MUON,
         "--tasks", "finetune,lstsq",
         "--seeds", "2", "--tune", "--tune-grid", "0.5,2", "--swap",
         "--finetune-steps", "6", "--lstsq-steps", "8", "--evals", "2", "--batch-size", "8",
@@ -224,6 +225,10 @@ def test_seeded_run_reports_every_table_on_the_same_seeds(seeded_run):
         assert recipe["lr"] == section["swap"]["adamw_lr_grid"]["chosen"]["torch-adamw"]
         keys = {e["key"] for e in section["swap"]["optimizers"].values()}
         assert {"torch-adamw", "soap", "soap-lr-x", "soap-betas"} <= keys
+        if MUON:  # torch's Muon is an arm of every seeded table: shared lr, its own best lr, the swap
+            for table in ("shared", "best", "swap"):
+                assert "torch-muon" in {e["key"] for e in section[table]["optimizers"].values()}, (task, table)
+            assert "torch-muon" in section["grid"]["grid"]
     # least squares chooses lr on other instances than the reported ones
     assert results["lstsq"]["grid"]["selection_seeds"] == [1000, 1001]
     markdown = (out / "results.md").read_text(encoding="utf-8")
@@ -300,3 +305,16 @@ def test_diagnosis_runs_every_suspect_on_the_seeds():
     plain = result["optimizers"]["torch-adamw@0.003"]
     assert all(e["seeds"] == [0, 1] and e["final"]["n"] == 2 for e in result["optimizers"].values())
     assert skipped["final_per_seed"] != plain["final_per_seed"]  # one update fewer changes the result
+
+
+def test_shared_settings_are_soaps_class_defaults():
+    """The benchmark's shared betas and refresh period are SOAP's own defaults, read from the class."""
+    from soap_optim.bench.optimizers import Hyper
+    from soap_optim.bench.suite import Settings
+
+    group = soap_optim.SOAP([torch.nn.Parameter(torch.ones(2, 2))]).param_groups[0]
+    for shared in (Hyper(), Settings()):
+        assert tuple(shared.betas) == tuple(group["betas"])
+        assert shared.precondition_frequency == group["precondition_frequency"]
+    reference = soap_optim.SOAP([torch.nn.Parameter(torch.ones(2, 2))], **soap_optim.SOAP.REFERENCE).param_groups[0]
+    assert reference["betas"] == (0.95, 0.95) and reference["precondition_frequency"] == 10

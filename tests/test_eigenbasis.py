@@ -213,3 +213,87 @@ def test_refresh_of_a_stack_equals_each_matrix_refreshed_alone(size):
         alone, alone_order = refreshed_basis(factors[i : i + 1].clone(), bases[i : i + 1].clone())
         assert torch.equal(stacked[i], alone[0])
         assert torch.equal(order[i], alone_order[0])
+
+
+def test_basis_drift_is_the_relative_off_diagonal_mass_of_the_rotated_factor():
+    from soap_optim.eigenbasis.bases import basis_drift
+
+    factor, eigenvectors = _spd_with_spectrum([5.0, 2.0, 1.0, 0.5, 0.1], seed=3)
+    for angle in (0.0, 0.05, 0.4):
+        rotation = torch.eye(5, dtype=torch.float64)
+        rotation[0, 0] = rotation[1, 1] = math.cos(angle)
+        rotation[0, 1], rotation[1, 0] = -math.sin(angle), math.sin(angle)
+        basis = eigenvectors @ rotation
+        rotated = basis.T @ factor @ basis
+        expected = (rotated - torch.diag(torch.diagonal(rotated))).norm() / rotated.norm()
+        factor_basis = factor @ basis
+        drift = basis_drift(factor_basis, (basis * factor_basis).sum(dim=-2))
+        torch.testing.assert_close(drift, expected, rtol=1e-6, atol=1e-7)
+    # in closed form for a 2 x 2 block: off-diagonal entries (l0 - l1) sin cos, on a norm of sqrt(sum l^2)
+    assert abs(float(expected) - math.sqrt(2) * 3.0 * math.sin(0.4) * math.cos(0.4) / math.sqrt(30.26)) < 1e-9
+    assert float(basis_drift(torch.zeros(4, 4), torch.zeros(4))) == 0.0  # a zero factor needs no refresh
+
+
+@pytest.mark.parametrize("size", [5, 7, 36])
+def test_refresh_with_a_tolerance_keeps_settled_bases_and_stays_independent_of_the_stack(size):
+    from soap_optim.eigenbasis.bases import refreshed_basis_where_drifted
+
+    gen = torch.Generator().manual_seed(size)
+    grams = torch.randn(3, size, size, generator=gen)
+    factors = grams @ grams.mT
+    eigenbases = torch.linalg.eigh(factors.double())[1].flip(-1).float()
+    bases = eigenbases.clone()
+    bases[1] = torch.linalg.qr(torch.randn(size, size, generator=gen))[0]  # only the middle one has drifted
+    new, order, refreshed = refreshed_basis_where_drifted(factors, bases, 0.05)
+    assert refreshed.tolist() == [False, True, False]
+    for i in (0, 2):
+        assert torch.equal(new[i], bases[i]) and torch.equal(order[i], torch.arange(size))
+    assert torch.equal(new[1], refreshed_basis(factors[1:2].clone(), bases[1:2].clone())[0][0])
+    for i in range(3):
+        alone = refreshed_basis_where_drifted(factors[i : i + 1].clone(), bases[i : i + 1].clone(), 0.05)
+        assert torch.equal(new[i], alone[0][0]) and torch.equal(order[i], alone[1][0])
+
+
+def test_refresh_with_a_tolerance_rotates_the_first_moment_only_where_a_basis_changed():
+    gen = torch.Generator().manual_seed(0)
+    grams = torch.randn(2, 6, 6, generator=gen)
+    factors = [grams @ grams.mT, None]
+    settled = torch.linalg.eigh(factors[0].double())[1].flip(-1).float()
+    drifted = torch.linalg.qr(torch.randn(6, 6, generator=gen))[0]
+    bases = [torch.stack([settled[0], drifted]), None]
+    exp_avg = torch.randn(2, 6, 4, generator=gen)
+    before = exp_avg.clone()
+    orders = refresh_bases_(factors, bases, exp_avg, batch_dims=1, tolerance=0.05)
+    assert torch.equal(exp_avg[0], before[0]) and torch.equal(bases[0][0], settled[0])
+    # the drifted one: rotated exactly as a refresh without a tolerance rotates it
+    alone_bases = [drifted.unsqueeze(0).clone(), None]
+    alone = before[1:].clone()
+    refresh_bases_([factors[0][1:].clone(), None], alone_bases, alone, batch_dims=1)
+    assert torch.equal(exp_avg[1], alone[0]) and torch.equal(bases[0][1], alone_bases[0][0])
+    assert torch.equal(orders[0][0], torch.arange(6)) and orders[1] is None
+
+
+def test_second_moment_carried_to_new_bases_against_float64_recomputation():
+    from soap_optim.eigenbasis.moments import rotated_second_moment
+
+    old = [_random_orthonormal(5, 1).float(), None, _random_orthonormal(3, 2).float()]
+    new = [_random_orthonormal(5, 3).float(), None, _random_orthonormal(3, 4).float()]
+    v = torch.rand(5, 4, 3, generator=torch.Generator().manual_seed(0))
+    left = (old[0].double().T @ new[0].double()) ** 2
+    right = (old[2].double().T @ new[2].double()) ** 2
+    expected = torch.einsum("ibk,ij,kl->jbl", v.double(), left, right)
+    got = rotated_second_moment(v, old, new)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+    # a convex combination per axis: the total is kept and nothing goes negative
+    torch.testing.assert_close(got.sum(), v.sum(), rtol=1e-5, atol=0)
+    assert bool((got >= 0).all())
+
+
+def test_second_moment_carried_through_a_pure_reordering_is_the_permutation():
+    from soap_optim.eigenbasis.moments import rotated_second_moment
+
+    basis = _random_orthonormal(6, 5).float()
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    v = torch.rand(6, 4, generator=torch.Generator().manual_seed(1))
+    got = rotated_second_moment(v, [basis, None], [basis[:, order], None])
+    torch.testing.assert_close(got, v[order], rtol=1e-5, atol=1e-6)

@@ -75,7 +75,7 @@ def test_first_step_factors_and_bases(case):
         torch.nn.Parameter(torch.tensor(data[f"data__p{k}__init"], dtype=torch.float32).reshape(shape))
         for k, (_, shape) in enumerate(meta["params"])
     ]
-    opt = SOAP(params, **meta["hp"])
+    opt = SOAP(params, **{**SOAP.REFERENCE, **meta["hp"]})
     rows = list(range(32))
     for k, p in enumerate(params):
         A = torch.tensor(data[f"data__p{k}__A"], dtype=torch.float32)[rows]

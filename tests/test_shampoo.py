@@ -45,7 +45,9 @@ def test_equals_adamw_before_preconditioning_starts(hyper):
     bias correction, decoupled decay theta * (1 - lr * wd) applied before the update."""
     steps = 20
     ours_params, torch_params = _params(), _params()
-    ours = Shampoo(ours_params, start_preconditioning_step=steps + 1, precondition_frequency=3, **hyper)
+    # torch AdamW's betas unless the case sets them (Shampoo's own default beta2 is 0.95)
+    ours = Shampoo(ours_params, start_preconditioning_step=steps + 1, precondition_frequency=3,
+                   **{"betas": (0.9, 0.999), **hyper})
     adamw_hyper = {k: v for k, v in hyper.items() if k in ("lr", "betas", "eps", "weight_decay", "maximize")}
     reference = torch.optim.AdamW(torch_params, foreach=False, **{"weight_decay": 1e-2, **adamw_hyper})
     for step in range(steps):
@@ -66,7 +68,7 @@ def test_equals_adamw_before_preconditioning_starts(hyper):
 def test_preconditioning_starts_at_the_given_step_with_adams_step_norm():
     start = 4
     ours_params, torch_params = _params([(6, 4)]), _params([(6, 4)])
-    ours = Shampoo(ours_params, lr=1e-2, weight_decay=0.0, start_preconditioning_step=start)
+    ours = Shampoo(ours_params, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, start_preconditioning_step=start)
     reference = torch.optim.AdamW(torch_params, lr=1e-2, weight_decay=0.0, foreach=False)
     for step in range(1, start + 1):
         before = ours_params[0].detach().clone()
@@ -88,7 +90,8 @@ def test_tensor_without_preconditioned_axis_takes_the_graft_step():
     """A 1-D tensor (precondition_1d=False) and a tensor whose axes all exceed max_precond_dim."""
     shapes = [(7,), (12, 11)]
     ours_params, torch_params = _params(shapes), _params(shapes)
-    ours = Shampoo(ours_params, start_preconditioning_step=1, precondition_frequency=1, max_precond_dim=10)
+    ours = Shampoo(ours_params, betas=(0.9, 0.999), start_preconditioning_step=1, precondition_frequency=1,
+                   max_precond_dim=10)
     reference = torch.optim.AdamW(torch_params, foreach=False)
     for step in range(10):
         for a, b, g in zip(ours_params, torch_params, _grads(step, shapes)):
@@ -163,8 +166,9 @@ def test_first_steps_in_closed_form_without_grafting(exponent_override, side_pow
     (L_t + eps lmax I)^p G_t (R_t + eps lmax I)^p with L_t = sum_s G_s G_s^T, R_t = sum_s G_s^T G_s."""
     lr, matrix_eps = 0.1, 1e-3
     (w,) = _params([(4, 3)])
-    opt = Shampoo([w], lr=lr, betas=(0.0, 0.999), matrix_eps=matrix_eps, weight_decay=0.0, grafting="none",
-                  start_preconditioning_step=1, precondition_frequency=1, exponent_override=exponent_override)
+    opt = Shampoo([w], lr=lr, betas=(0.0, 0.999), shampoo_beta=1.0, matrix_eps=matrix_eps, weight_decay=0.0,
+                  grafting="none", start_preconditioning_step=1, precondition_frequency=1,
+                  exponent_override=exponent_override)
     expected = w.detach().clone()
     left = torch.zeros(4, 4, dtype=torch.float64)
     right = torch.zeros(3, 3, dtype=torch.float64)

@@ -8,8 +8,8 @@ The suspects, each against the recipe's AdamW on the same seeds:
   AdamW, one step is not the gap;
 * warm-up: SOAP with a linear warm-up over the first 5% of the steps (on top of the task's schedule),
   since its first updates use a preconditioner estimated from few gradients;
-* beta2: SOAP with betas (0.9, 0.95), the recipe's beta1 and SOAP's default beta2 (the full switch to
-  (0.95, 0.95) is in the swap table itself);
+* beta2: SOAP with betas (0.9, 0.95), the recipe's beta1 and SOAP's default beta2 (the switch to SOAP's
+  default betas is in the swap table itself);
 * step size: SOAP's lr at 2x and 5x AdamW's (3x is in the swap table), to bracket the multiplier.
 """
 from __future__ import annotations

@@ -18,13 +18,26 @@ import torch
 BASELINE = "torch-adamw"
 
 
+def soap_class_defaults() -> Dict[str, Any]:
+    """``soap_optim.SOAP``'s own defaults of the settings every optimizer shares here."""
+    import inspect
+
+    import soap_optim
+
+    parameters = inspect.signature(soap_optim.SOAP.__init__).parameters
+    return {name: parameters[name].default for name in ("betas", "precondition_frequency")}
+
+
+SOAP_DEFAULTS = soap_class_defaults()
+
+
 @dataclass(frozen=True)
 class Hyper:
     lr: float = 1e-2
-    betas: Tuple[float, float] = (0.95, 0.95)
+    betas: Tuple[float, float] = SOAP_DEFAULTS["betas"]
     eps: float = 1e-8
     weight_decay: float = 0.01
-    precondition_frequency: int = 10
+    precondition_frequency: int = SOAP_DEFAULTS["precondition_frequency"]
     max_precond_dim: int = 10000
 
     def with_(self, **changes: Any) -> "Hyper":
@@ -52,11 +65,16 @@ class OptimizerSpec:
     prepare: Optional[Callable[[], None]] = None
     notes: List[str] = field(default_factory=list)
     unavailable: Optional[str] = None  # why it can't run here; None when it can
+    params_of: Optional[Callable[[Any], Any]] = None  # model -> params or groups; None: model.parameters()
 
     def make(self, params, hyper: Hyper) -> torch.optim.Optimizer:
         if self.cls is None:
             raise RuntimeError(self.unavailable or f"{self.label} is unavailable")
         return self.cls(params, **self.kwargs(hyper))
+
+    def build(self, model, hyper: Hyper) -> torch.optim.Optimizer:
+        """The optimizer for ``model``'s parameters (split into groups first where the spec says so)."""
+        return self.make(model.parameters() if self.params_of is None else self.params_of(model), hyper)
 
     def record(self, hyper: Hyper) -> Dict[str, Any]:
         """What the results say about this optimizer: where it comes from and the exact kwargs."""
@@ -133,6 +151,7 @@ def ours() -> List[OptimizerSpec]:
                    "measures the convergence cost of the opt-in, not its GPU speed"],
         ),
     ]
+    specs.append(_muon_spec())
     adamw, why_adamw = _family_class("AdamW", "adam")
     specs.append(OptimizerSpec("adamw", "AdamW (soap_optim)", "soap_optim", adamw, lambda h: h.adam(), unavailable=why_adamw))
     shampoo, why_shampoo = _family_class("Shampoo", "shampoo")
@@ -153,6 +172,22 @@ def ours() -> List[OptimizerSpec]:
         )
     )
     return specs
+
+
+def _muon_spec() -> OptimizerSpec:
+    """torch.optim.Muon on the hidden matrices, torch's AdamW on the rest, one lr (see ``muon``)."""
+    from .muon import MuonWithAdamW, muon_available, split_groups
+
+    why = muon_available()
+    return OptimizerSpec(
+        "torch-muon", "torch Muon + AdamW", f"torch {torch.__version__}", None if why else MuonWithAdamW,
+        lambda h: dict(h.adam(), adjust_lr_fn="match_rms_adamw"),
+        unavailable=why,
+        params_of=split_groups,
+        notes=["torch.optim.Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps: torch's defaults) on the 2-D "
+               "weights that are neither an embedding nor the last Linear; AdamW(foreach) with the shared betas "
+               "and eps on everything else; lr and weight_decay shared"],
+    )
 
 
 def all_specs(heavyball_compile: bool = False) -> List[OptimizerSpec]:

@@ -31,7 +31,7 @@ def make_runs(chosen: Sequence[Pair], base, seed: int = 0) -> List[Run]:
     for spec, hyper in chosen:
         model = copy.deepcopy(base)
         try:
-            optimizer, error = spec.make(model.parameters(), hyper), None
+            optimizer, error = spec.build(model, hyper), None
         except Exception as failure:
             optimizer, error = None, f"{type(failure).__name__}: {failure}"
         runs.append(Run(spec.key, spec.label, hyper.lr, model, optimizer, error=error, seed=seed))

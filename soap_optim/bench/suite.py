@@ -18,7 +18,7 @@ import torch
 
 from . import problems, tasks
 from .evidence import seeded_part
-from .optimizers import BASELINE, Hyper, OptimizerSpec
+from .optimizers import BASELINE, SOAP_DEFAULTS, Hyper, OptimizerSpec
 from .progress import Progress
 from .seeded import pairs, train_seed
 from .timing import measure_steps, plan_calls
@@ -39,10 +39,10 @@ class Settings:
     context: int = 64
     batch_size: int = 32
     lrs: Tuple[float, ...] = (1e-2,)
-    betas: Tuple[float, float] = (0.95, 0.95)
+    betas: Tuple[float, float] = SOAP_DEFAULTS["betas"]  # shared by every optimizer: SOAP's defaults
     eps: float = 1e-8
     weight_decay: float = 0.01
-    precondition_frequency: int = 10
+    precondition_frequency: int = SOAP_DEFAULTS["precondition_frequency"]
     max_precond_dim: int = 10000
     warmup_fraction: float = 0.05  # of the lm and digits steps; then cosine decay to 0
     evals: int = 20  # held-out evaluations per training run (plus one at step 0)

@@ -7,7 +7,7 @@ optimizer runs with exactly that, and its other arguments at its class's default
 
 Where SOAP ends behind AdamW, :mod:`.diagnosis` measures each suspect alone. Beside them, two SOAP settings a user moving from AdamW could change, each measured: the lr
 times ``--swap-lr-multiplier`` (SOAP's best lr is often a few times AdamW's), and SOAP's own default
-betas (0.95, 0.95).
+betas (read from its signature).
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from dataclasses import asdict, replace
 from typing import Any, Dict, List, Optional, Sequence
 
 from .diagnosis import diagnose, soap_loses
-from .optimizers import BASELINE, Hyper, OptimizerSpec
+from .optimizers import BASELINE, SOAP_DEFAULTS, Hyper, OptimizerSpec
 from .problems import Task
 from .seeded import Pair, aggregate, train_seeds
 from .tune import grid_of, tune
 
 USER_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults
-SOAP_BETAS = (0.95, 0.95)  # soap_optim.SOAP's defaults
+SOAP_BETAS = SOAP_DEFAULTS["betas"]  # soap_optim.SOAP's defaults
 
 
 def variants(specs: Sequence[OptimizerSpec], recipe: Hyper, multiplier: float) -> List[Pair]:

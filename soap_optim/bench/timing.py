@@ -129,7 +129,7 @@ def measure_steps(
         for p, g in zip(params, pool[0]):
             p.grad = g.clone()
         try:
-            runs[spec.key] = {"optimizer": spec.make(params, hyper), "params": params, "times": []}
+            runs[spec.key] = {"optimizer": spec.build(model, hyper), "params": params, "times": []}
         except Exception as error:
             results[spec.key] = {"error": f"{type(error).__name__}: {error}"}
 

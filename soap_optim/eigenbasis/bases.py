@@ -84,12 +84,41 @@ def initial_basis(factor: torch.Tensor) -> torch.Tensor:
     return vectors.flip(1)
 
 
-@full_float32_matmul()
+def basis_drift(factor_basis: torch.Tensor, estimated: torch.Tensor) -> torch.Tensor:
+    """Per matrix, how far the basis O is from diagonalizing F: the relative off-diagonal mass of O^T F O,
+
+        drift = ||offdiag(O^T F O)||_F / ||O^T F O||_F = sqrt(1 - sum_i (o_i^T F o_i)^2 / ||F O||_F^2),
+
+    read from the power step F O and its diagonal estimates alone (O orthonormal keeps Frobenius norms),
+    so it costs no product. Computed in float64: a drift of 1e-2 is 1e-4 of the norm. A zero factor has
+    drift 0 (nothing to refresh).
+    """
+    total = factor_basis.double().square().sum(dim=(-2, -1))
+    diagonal = estimated.double().square().sum(dim=-1)
+    ratio = torch.where(total > 0, diagonal / total.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
+    return (1 - ratio).clamp(min=0).sqrt()
+
+
 def refreshed_basis(factor: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """One power-iteration + QR step from ``basis``: returns (new basis, column order) or None.
 
     Works on one d x d pair or on [..., d, d] stacks (``order`` is then [..., d]). None means the
     refresh was not possible (non-finite factor or failed QR, anywhere in a stack): keep ``basis``.
+    """
+    result = refreshed_basis_where_drifted(factor, basis, 0.0)
+    return None if result is None else result[:2]
+
+
+@full_float32_matmul()
+def refreshed_basis_where_drifted(
+    factor: torch.Tensor, basis: torch.Tensor, tolerance: float
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """:func:`refreshed_basis` for the matrices whose :func:`basis_drift` exceeds ``tolerance`` only.
+
+    Returns (new basis, order, refreshed): ``refreshed`` is a bool [...] mask (None when ``tolerance``
+    is 0: every matrix refreshed). A matrix left alone keeps its basis bit for bit and gets the identity
+    order, and skips the QR, the refresh's largest cost. Each matrix's decision and QR are its own, so a
+    basis does not depend on which other factors share its stack.
     """
     if not all_finite(factor):
         _warn_once("soap_optim: a Kronecker factor is not finite; keeping the previous basis")
@@ -98,12 +127,31 @@ def refreshed_basis(factor: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple
     factor_basis = factor @ basis
     estimated = (basis * factor_basis).sum(dim=-2)
     order = torch.argsort(estimated, dim=-1, descending=True)
+    refreshed = None if tolerance <= 0 else basis_drift(factor_basis, estimated) > tolerance
+    if refreshed is not None and not bool(refreshed.any()):
+        identity = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
+        return basis, identity, refreshed
     columns = torch.gather(factor_basis, -1, order.unsqueeze(-2).expand(factor_basis.shape))
     try:
-        new_basis = _orthonormal_factor(columns)
+        if refreshed is None or bool(refreshed.all()):
+            new_basis = _orthonormal_factor(columns)
+        else:
+            new_basis = _orthonormal_factor_where(columns, basis, refreshed)
     except Exception:
         new_basis = None
     if new_basis is None or not all_finite(new_basis):
         _warn_once("soap_optim: QR refresh failed; keeping the previous basis")
         return None
-    return new_basis, order
+    if refreshed is not None:
+        identity = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
+        order = torch.where(refreshed.unsqueeze(-1), order, identity)
+    return new_basis, order, refreshed
+
+
+def _orthonormal_factor_where(columns: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``_orthonormal_factor`` of the matrices of ``columns`` where ``mask``; ``basis``'s elsewhere."""
+    out = basis.clone().reshape(-1, *basis.shape[-2:])
+    flat = columns.reshape(-1, *columns.shape[-2:])
+    for index in mask.reshape(-1).nonzero().flatten().tolist():
+        out[index] = _orthonormal_factor(flat[index])
+    return out.reshape(basis.shape)

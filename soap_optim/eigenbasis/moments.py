@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..precision import full_float32_matmul
-from .bases import refreshed_basis
+from .bases import refreshed_basis_where_drifted
 from .projection import project, project_back
 
 Orders = List[Optional[torch.Tensor]]
@@ -24,24 +24,66 @@ def refresh_bases_(
     bases: List[Optional[torch.Tensor]],
     exp_avg: Optional[torch.Tensor] = None,
     batch_dims: int = 0,
+    tolerance: float = 0.0,
+    exp_avg_sq: Optional[torch.Tensor] = None,
 ) -> Orders:
     """In place: refresh every basis that has a factor and rotate ``exp_avg`` into the new bases.
 
     ``exp_avg`` is in the merged layout and the current eigenbasis (None: nothing to carry).
     Returns, per axis, the order of the old columns in the new basis (None: axis unchanged).
     With ``batch_dims=1`` everything is a stack over a leading batch axis (see ``projection``).
+    ``tolerance`` > 0: only bases that drifted more than that from their factor's eigenbasis are
+    refreshed (see ``bases.basis_drift``); a tensor none of whose bases changed keeps ``exp_avg`` bit for bit.
+    ``exp_avg_sq`` (a full second moment, same layout): carried to the new bases too, by
+    :func:`rotated_second_moment`, instead of being left for the caller to permute by the orders.
     """
     old_bases = list(bases)
     orders: Orders = [None] * len(bases)
+    changed: Optional[torch.Tensor] = None  # per tensor of the stack: a basis of it was refreshed
     for axis, (factor, basis) in enumerate(zip(factors, bases)):
         if factor is None:
             continue
-        result = refreshed_basis(factor, basis)
-        if result is not None:
-            bases[axis], orders[axis] = result
-    if exp_avg is not None and any(order is not None for order in orders):
-        exp_avg.copy_(project(project_back(exp_avg, old_bases, batch_dims), bases, batch_dims))
+        result = refreshed_basis_where_drifted(factor, basis, tolerance)
+        if result is None:
+            continue
+        new_basis, order, refreshed = result
+        if refreshed is None:
+            bases[axis], orders[axis] = new_basis, order
+        elif bool(refreshed.any()):
+            bases[axis], orders[axis] = new_basis, order
+            changed = refreshed if changed is None else changed | refreshed
+    if all(order is None for order in orders):
+        return orders
+    if exp_avg is not None:
+        _copy_where_(exp_avg, project(project_back(exp_avg, old_bases, batch_dims), bases, batch_dims), changed)
+    if exp_avg_sq is not None:
+        _copy_where_(exp_avg_sq, rotated_second_moment(exp_avg_sq, old_bases, bases, batch_dims), changed)
     return orders
+
+
+def rotated_second_moment(
+    exp_avg_sq: torch.Tensor, old_bases: Sequence[Optional[torch.Tensor]],
+    new_bases: Sequence[Optional[torch.Tensor]], batch_dims: int = 0,
+) -> torch.Tensor:
+    """The second moment carried to the new bases as a diagonal: v x_k (O_k^T Q_k)^{o2} on every axis.
+
+    Entry (j, ..) of the result is sum_i (o_i . q_j)^2 v_(i, ..): the variance of the new coordinate j if
+    the old coordinates were uncorrelated with variances v (the "variance rotation" of HeavyBall's SOAP).
+    Each column of (O^T Q)^{o2} sums to 1, so the result is a convex combination of v's entries: finite
+    and non-negative. Every axis with a basis is carried, changed or not (as ``exp_avg`` is), so a
+    tensor's result does not depend on whether other tensors of its stack refreshed that axis.
+    """
+    transitions = [
+        None if old is None or new is None else (old.mT @ new).square() for old, new in zip(old_bases, new_bases)
+    ]
+    return project(exp_avg_sq, transitions, batch_dims)
+
+
+def _copy_where_(target: torch.Tensor, value: torch.Tensor, changed: Optional[torch.Tensor]) -> None:
+    """``target <- value`` for the tensors of the stack where ``changed`` (None: all of them)."""
+    if changed is not None and not bool(changed.all()):
+        value = torch.where(changed.reshape(changed.shape + (1,) * (target.dim() - changed.dim())), value, target)
+    target.copy_(value)
 
 
 def permute_axes_(x: torch.Tensor, orders: Orders, batch_dims: int = 0) -> None:
