@@ -181,6 +181,25 @@ def test_a_removed_parameter_is_freed(entry):
     assert removed() is None
 
 
+def test_removing_every_matrix_is_surgery_not_a_flat_swap():
+    """Only the 1-D tensors left in a group after the user removed its matrices: trained on, not refused
+    as the flat partitions DeepSpeed or FSDP1 put in (those are tensors the group was not given)."""
+    params = _params([(5, 4), (4,)])
+    opt = SOAP(params)
+    _train(opt, params, 2)
+    opt.param_groups[0]["params"].remove(params[0])
+    opt.state.pop(params[0])
+    bias = params[1]
+    before = bias.detach().clone()
+    _train(opt, [bias], 1, start=2)
+    assert not torch.equal(bias.detach(), before)
+    flat = torch.nn.Parameter(torch.randn(24))
+    flat.grad = torch.ones(24)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(ValueError, match="flat 1-D"):
+        opt.step()
+
+
 @pytest.mark.parametrize("copier", ["deepcopy", "pickle", "torch.save"])
 def test_copies_keep_the_layout_guard(copier):
     """A copy of the optimizer refuses a layout change exactly as the original does (ValueError naming

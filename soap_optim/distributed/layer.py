@@ -74,7 +74,9 @@ class Distribution:
         self._roles: Optional[List[Role]] = None
         self._roles_key: Optional[Tuple] = None
         self._entries: List[Tuple[int, int, torch.Tensor]] = []
-        self._built_shapes: List[List[Tuple[int, ...]]] = []  # per group, shapes given at construction
+        # per group, the shapes and identities of the tensors it was given (add_param_group)
+        self._built_shapes: List[List[Tuple[int, ...]]] = []
+        self._built_ids: List[set] = []
         self._pending: Dict[int, torch.Tensor] = {}  # owned global index -> new full values
         self._ddp_mesh = None
         self.consolidated: Optional[Dict[str, Any]] = None  # this rank's last consolidate_state_dict result
@@ -95,6 +97,7 @@ class Distribution:
         self._refuse_flat(optimizer, params)
         self._derive(params, check_only=True)
         self._built_shapes.append([tuple(p.shape) for p in params])
+        self._built_ids.append({id(p) for p in params})
 
     def _refuse_flat(self, optimizer, params: Sequence[torch.Tensor]) -> None:
         if not optimizer._needs_shapes():
@@ -119,7 +122,10 @@ class Distribution:
             now = [tuple(p.shape) for p in group["params"]]
             if now == built:
                 continue
-            if any(len(s) >= 2 for s in built) and all(len(s) <= 1 for s in now):
+            # tensors put in after construction, all flat, where matrices were: not a user's surgery
+            # (which removes parameters but adds none of its own), but a wrapper's flat partitions
+            added = [p for p in group["params"] if id(p) not in self._built_ids[index]]
+            if added and any(len(s) >= 2 for s in built) and all(len(s) <= 1 for s in now):
                 raise ValueError(
                     f"{type(optimizer).__name__}: the parameters of param group {index} were replaced after "
                     f"construction by {len(now)} flat 1-D tensor(s) of shapes {now[:4]}{'...' if len(now) > 4 else ''} "
