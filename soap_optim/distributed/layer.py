@@ -277,14 +277,13 @@ class Distribution:
     # ------------------------------------------------------------------ a step
     def gather(self, optimizer, groups, hypers) -> List[List[WorkItem]]:
         """Per group, the parameters this rank steps now, with the tensors to step."""
-        self.sync(optimizer, groups)
+        roles = self.plan(optimizer, groups, hypers)
         work: List[List[WorkItem]] = [[] for _ in groups]
-        if self._mode == "single":  # every parameter, as it is
+        if roles is None:  # one process: every parameter, as it is
             for index, (gi, pi, param) in enumerate(self._entries):
                 if param.grad is not None:
                     work[gi].append(WorkItem(param, param, param.grad, gi, pi, index))
             return work
-        roles = self.plan(optimizer, groups, hypers)
         self._pending = {}
         owned: List[int] = []
         for index, (gi, pi, param) in enumerate(self._entries):

@@ -13,6 +13,8 @@ Mesh axes on which a parameter is sharded form its *shard axes*; the others are 
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple, Union
 
@@ -48,10 +50,7 @@ class Region:
 
     @property
     def numel(self) -> int:
-        total = 1
-        for size in self.local_shape:
-            total *= size
-        return total
+        return math.prod(self.local_shape)
 
     def extract(self, whole: torch.Tensor) -> torch.Tensor:
         """This region of ``whole`` (a tensor of ``shape``), as a tensor of ``local_shape``."""
@@ -134,8 +133,17 @@ class Layout:
     def size(self) -> int:
         return self.ranks.numel()
 
+    @functools.cached_property
+    def _coordinates(self) -> List[Tuple[int, ...]]:
+        shape = tuple(self.ranks.shape)
+        return [tuple(int(c) for c in torch.unravel_index(torch.tensor(p), shape)) for p in range(self.size)]
+
+    @functools.cached_property
+    def _shard_groups(self) -> List[List[int]]:
+        return [self._shard_group(position) for position in range(self.size)]
+
     def coordinate(self, position: int) -> Tuple[int, ...]:
-        return tuple(int(c) for c in torch.unravel_index(torch.tensor(position), tuple(self.ranks.shape)))
+        return self._coordinates[position]
 
     def position(self, coordinate: Sequence[int]) -> int:
         flat = 0
@@ -144,11 +152,15 @@ class Layout:
         return flat
 
     def shard_group(self, position: int) -> List[int]:
-        """Positions that share ``position``'s replicate coordinates: together they hold the whole tensor."""
+        """Positions that share ``position``'s replicate coordinates: together they hold the whole tensor.
+        (Computed once per layout: the step asks for them for every owned parameter.)"""
+        return self._shard_groups[position]
+
+    def _shard_group(self, position: int) -> List[int]:
         base = list(self.coordinate(position))
         positions = []
         sizes = [int(self.ranks.shape[a]) for a in self.shard_axes]
-        for flat in range(max(1, _product(sizes))):
+        for flat in range(math.prod(sizes)):
             coordinate = list(base)
             rest = flat
             for axis, size in reversed(list(zip(self.shard_axes, sizes))):
@@ -161,13 +173,6 @@ class Layout:
         """The position with ``position``'s replicate coordinates and the shard coordinates of the
         ``shard_position``-th member of a shard group (row-major over the shard axes)."""
         return self.shard_group(position)[shard_position]
-
-
-def _product(values: Sequence[int]) -> int:
-    total = 1
-    for v in values:
-        total *= v
-    return total
 
 
 def root_mesh(mesh):

@@ -14,6 +14,7 @@ Positions are the flat (row-major) coordinates of the optimizer's mesh; every pa
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,15 +32,27 @@ class Role:
     def is_local(self) -> bool:
         return self.owner is None
 
-    def owners(self) -> List[int]:
+    # computed once per role (roles are planned once per layout and reused every step)
+    @functools.cached_property
+    def _owners(self) -> List[int]:
         return sorted(set(self.owner)) if self.owner is not None else []
+
+    @functools.cached_property
+    def _receivers(self) -> Dict[int, List[int]]:
+        receivers: Dict[int, List[int]] = {}
+        for position, owner in enumerate(self.owner or ()):
+            receivers.setdefault(owner, []).append(position)
+        return receivers
+
+    def owners(self) -> List[int]:
+        return self._owners
 
     def senders(self, owner: int) -> List[int]:
         """Positions whose pieces make up the whole tensor at ``owner``."""
         return self.layout.shard_group(owner)
 
     def receivers(self, owner: int) -> List[int]:
-        return [q for q, o in enumerate(self.owner) if o == owner]
+        return self._receivers.get(owner, [])
 
 
 def _canonical(layout: Layout, position: int) -> bool:
