@@ -11,10 +11,21 @@ gradient as one bucket whose state lives in stacked buffers (``soap_optim.bucket
   expert at a time) beside it as the yardstick. Time ratios are only comparable within one run.
 
     python benchmarks/bucket_memory.py --experts 64 --dim 64 --steps 60
+
+``--gpt``: peak memory and step time of SOAP's default step on a 12.9M-parameter byte-level GPT (width
+512, 4 blocks; random gradients), with ``rollback_on_error`` on and off: the growth of the resident set
+over the steps (high-water mark reset before them, ``/proc/self/clear_refs``; Linux), each configuration
+in a fresh process. ``--baseline DIR`` runs every configuration (MoE and GPT) also with the soap_optim
+package found in DIR (e.g. ``git archive <commit> soap_optim kernels``, kernels copied to
+soap_optim/kernels), interleaved with this checkout's runs, so that before/after ratios come from one run.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -40,10 +51,11 @@ def memory_ratio(opt) -> float:
     return sum(held.values()) / own
 
 
-def run(experts: int, dim: int, steps: int, warmup: int, foreach, seed: int = 0):
+def run(experts: int, dim: int, steps: int, warmup: int, foreach, seed: int = 0, rollback: bool = True):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(dim, dim, generator=gen)) for _ in range(experts)]
-    opt = SOAP(params, lr=1e-3, precondition_frequency=10, foreach=foreach, fused=False)
+    opt = SOAP([{"params": params, "rollback_on_error": rollback}], lr=1e-3, precondition_frequency=10,
+               foreach=foreach, fused=False)
     ratios, seconds = [], 0.0
     for step in range(steps):
         chosen = torch.rand(experts, generator=gen) < 0.5
@@ -58,16 +70,92 @@ def run(experts: int, dim: int, steps: int, warmup: int, foreach, seed: int = 0)
     return max(ratios), ratios[-1], seconds / (steps - warmup)
 
 
+def _resident_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def gpt_run(steps: int, rollback: bool, seed: int = 0):
+    """(peak resident growth over ``steps`` steps in MB, mean step time in s) for SOAP on the 12.9M GPT."""
+    from soap_optim.bench.tasks import gpt
+
+    torch.manual_seed(seed)
+    model = gpt(512, 4, 128)
+    params = list(model.parameters())
+    opt = SOAP([{"params": params, "rollback_on_error": rollback}])
+    gen = torch.Generator().manual_seed(seed)
+
+    def step():
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=gen) * 1e-2
+        start = time.perf_counter()
+        opt.step()
+        return time.perf_counter() - start
+
+    for _ in range(3):  # the first step builds the state; then a refresh (every 2 steps by default)
+        step()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset the high-water mark
+    resident = _resident_mb("VmRSS")
+    seconds = [step() for _ in range(steps)]
+    return _resident_mb("VmHWM") - resident, sum(seconds) / len(seconds)
+
+
+def _child(args) -> None:
+    torch.set_num_threads(1)
+    if args.child == "gpt":
+        peak, mean = gpt_run(args.steps, args.rollback)
+        print(json.dumps({"peak_mb": peak, "step_s": mean}))
+    else:
+        worst, last, mean = run(args.experts, args.dim, args.steps, args.warmup, None, rollback=args.rollback)
+        print(json.dumps({"worst": worst, "last": last, "step_s": mean}))
+
+
+def _compare(args) -> None:
+    """Every (package, rollback) configuration in a fresh process, interleaved ``--repeats`` times."""
+    trees = [("this checkout", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+    results = {}
+    for _ in range(args.repeats):
+        for name, path in trees:
+            for rollback in (True, False):
+                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed buffers leave the resident set
+                if path:
+                    env["PYTHONPATH"] = path
+                command = [sys.executable, __file__, "--child", "gpt" if args.gpt else "moe", "--steps",
+                           str(args.steps), "--warmup", str(args.warmup), "--experts", str(args.experts),
+                           "--dim", str(args.dim)] + (["--rollback"] if rollback else [])
+                out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+                results.setdefault((name, rollback), []).append(json.loads(out.strip().splitlines()[-1]))
+    for (name, rollback), runs in results.items():
+        step = min(r["step_s"] for r in runs) * 1e3
+        extra = (f"peak +{max(r['peak_mb'] for r in runs):.0f} MB" if args.gpt
+                 else f"memory ratio worst {max(r['worst'] for r in runs):.3f} last {runs[-1]['last']:.3f}")
+        print(f"{name:14s} rollback_on_error={str(rollback):5s}  step {step:.2f} ms (best of {len(runs)})  {extra}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--gpt", action="store_true", help="the 12.9M-parameter GPT instead of the MoE layer")
+    parser.add_argument("--baseline", help="a directory holding an older soap_optim package to compare with")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child", choices=("moe", "gpt"), help=argparse.SUPPRESS)
+    parser.add_argument("--rollback", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for name, foreach in (("batched", None), ("one at a time", False)):
-        worst, last, mean = run(args.experts, args.dim, args.steps, args.warmup, foreach)
-        print(f"{name:14s} memory ratio worst {worst:.3f} last {last:.3f}   step {mean * 1e3:.2f} ms")
+    if args.child:
+        _child(args)
+    elif args.gpt or args.baseline:
+        _compare(args)
+    else:
+        for name, foreach in (("batched", None), ("one at a time", False)):
+            worst, last, mean = run(args.experts, args.dim, args.steps, args.warmup, foreach)
+            print(f"{name:14s} memory ratio worst {worst:.3f} last {last:.3f}   step {mean * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
