@@ -15,7 +15,7 @@ gradient as one bucket whose state lives in stacked buffers (``soap_optim.bucket
 ``--gpt``: peak memory and step time of SOAP's default step on a 12.9M-parameter byte-level GPT (width
 512, 4 blocks; random gradients), with ``rollback_on_error`` on and off: the growth of the resident set
 over the steps (high-water mark reset before them, ``/proc/self/clear_refs``; Linux), each configuration
-in a fresh process. ``--baseline DIR`` runs every configuration (MoE and GPT) also with the soap_optim
+in a fresh process. ``--baseline DIR`` (repeatable) runs every configuration (MoE and GPT) also with the soap_optim
 package found in DIR (e.g. ``git archive <commit> soap_optim kernels``, kernels copied to
 soap_optim/kernels), interleaved with this checkout's runs, so that before/after ratios come from one run.
 """
@@ -116,7 +116,7 @@ def _child(args) -> None:
 
 def _compare(args) -> None:
     """Every (package, rollback) configuration in a fresh process, interleaved ``--repeats`` times."""
-    trees = [("this checkout", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+    trees = [("this checkout", None)] + [(f"baseline {i + 1}", path) for i, path in enumerate(args.baseline or [])]
     results = {}
     for _ in range(args.repeats):
         for name, path in trees:
@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--gpt", action="store_true", help="the 12.9M-parameter GPT instead of the MoE layer")
-    parser.add_argument("--baseline", help="a directory holding an older soap_optim package to compare with")
+    parser.add_argument("--baseline", action="append", help="a directory holding an older soap_optim package to "
+                        "compare with (repeatable)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--child", choices=("moe", "gpt"), help=argparse.SUPPRESS)
     parser.add_argument("--rollback", action="store_true", help=argparse.SUPPRESS)

@@ -457,15 +457,26 @@ def _as_batch_of_one(tensors: List[Optional[torch.Tensor]]) -> List[Optional[tor
 
 def _refresh_stack_(
     factors: List[Optional[torch.Tensor]], bases: List[Optional[torch.Tensor]], exp_avg: torch.Tensor,
-    second_moments: List[torch.Tensor], group: Dict[str, Any],
+    second_moments: List[torch.Tensor], group: Dict[str, Any], rows: Optional[List[int]] = None,
+    install: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> None:
     """Refresh a stack's bases ([B, d, d], None for an axis without one) and carry its moments ([B, *merged])
     to them: the full second moment, or the row and column sums (``second_moments``), permuted with the
-    columns or, with ``rotate_second_moment``, rotated. Everything is computed before anything is
-    written, so an exception leaves the stack as it was (see ``pending_writes``)."""
+    columns or, with ``rotate_second_moment``, rotated. ``rows``: only these members of the stack (those
+    due, in a bucket whose members are at different steps), gathered into one smaller stack and written
+    back. ``install(axis, new_stack)``: puts a new basis in place of copying it into the old one.
+    Everything is computed before anything is written, so an exception leaves the stack as it was (see
+    ``pending_writes``)."""
     rotate = group["rotate_second_moment"]
-    carried = [exp_avg.clone(), *(moment.clone() for moment in second_moments)]
-    new_bases = list(bases)
+    moments = [exp_avg, *second_moments]
+    if rows is None:
+        old_bases, carried = list(bases), [moment.clone() for moment in moments]
+    else:
+        index = torch.tensor(rows, device=exp_avg.device)
+        factors = [None if f is None else f.index_select(0, index) for f in factors]
+        old_bases = [None if b is None else b.index_select(0, index) for b in bases]
+        carried = [moment.index_select(0, index) for moment in moments]
+    new_bases = list(old_bases)
     orders = refresh_bases_(
         factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"],
         exp_avg_sq=carried[1] if rotate else None,
@@ -478,11 +489,21 @@ def _refresh_stack_(
         else:
             permute_axes_(carried[1], orders[:1], batch_dims=1)
             permute_axes_(carried[2], orders[1:], batch_dims=1)
-    for target, value in zip([exp_avg, *second_moments], carried):
-        target.copy_(value)
-    for target, value in zip(bases, new_bases):
-        if target is not None and value is not target:
+    def write(target: torch.Tensor, value: torch.Tensor) -> None:
+        if rows is None:
             target.copy_(value)
+        else:
+            target.index_copy_(0, index, value)
+
+    for target, value in zip(moments, carried):
+        write(target, value)
+    for axis, (target, old, new) in enumerate(zip(bases, old_bases, new_bases)):
+        if new is old:
+            continue
+        if install is not None:
+            install(axis, new)
+        else:
+            write(target, new)
 
 
 def _refresh_one_(state: Dict[str, Any], group: Dict[str, Any]) -> None:
@@ -495,6 +516,8 @@ def _refresh_one_(state: Dict[str, Any], group: Dict[str, Any]) -> None:
     _refresh_stack_(
         _as_batch_of_one(state["factors"]), _as_batch_of_one(state["bases"]), state["exp_avg"].unsqueeze(0),
         [state[key].unsqueeze(0) for key in _SECOND_MOMENTS if key in state], group,
+        # the new basis itself, in the QR's memory layout, which later products round by
+        install=lambda axis, new: state["bases"].__setitem__(axis, new[0]),
     )
 
 
@@ -563,10 +586,9 @@ def soap_bucket_update_(
         # the whole bucket refreshes at once: one batched QR per axis, bases rewritten in place
         writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group))
     elif any(due):
-        # each due member alone, in its rows of the bucket's buffers
-        for state, is_due in zip(states, due):
-            if is_due:
-                writes.refresh(partial(_refresh_one_, state, group))
+        # the due members together, gathered from the bucket's buffers and written back
+        rows = [row for row, is_due in enumerate(due) if is_due]
+        writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group, rows))
 
 
 def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, guard: bool) -> List[_Item]:
