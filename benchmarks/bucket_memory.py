@@ -17,7 +17,8 @@ gradient as one bucket whose state lives in stacked buffers (``soap_optim.bucket
 over the steps (high-water mark reset before them, ``/proc/self/clear_refs``; Linux), each configuration
 in a fresh process. ``--baseline DIR`` (repeatable) runs every configuration (MoE and GPT) also with the soap_optim
 package found in DIR (e.g. ``git archive <commit> soap_optim kernels``, kernels copied to
-soap_optim/kernels), interleaved with this checkout's runs, so that before/after ratios come from one run.
+soap_optim/kernels), interleaved with this checkout's runs, so that before/after ratios come from one run
+(MoE: all packages in one process, stepped in turn on the same routing and gradients).
 """
 from __future__ import annotations
 
@@ -114,6 +115,59 @@ def _child(args) -> None:
         print(json.dumps({"worst": worst, "last": last, "step_s": mean}))
 
 
+def _load_package(path: str, alias: str):
+    """The soap_optim package under ``path`` imported as ``alias``, beside this checkout's (its imports are
+    relative, so the two never mix)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        alias, os.path.join(path, "soap_optim", "__init__.py"),
+        submodule_search_locations=[os.path.join(path, "soap_optim")],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def moe_interleaved(args) -> None:
+    """The MoE step time of every (package, rollback) configuration in one process, stepped in turn on the
+    same routing and gradients (the order rotating every step), so that load on the machine hits them
+    alike; median step time and its ratio to the first configuration's. Memory ratio after every step."""
+    packages = [("this checkout", sys.modules["soap_optim"])] + [
+        (f"baseline {i + 1}", _load_package(path, f"soap_optim_baseline_{i + 1}")) for i, path in enumerate(args.baseline)
+    ]
+    gen = torch.Generator().manual_seed(0)
+    initial = [torch.randn(args.dim, args.dim, generator=gen) for _ in range(args.experts)]
+    runs = []
+    for name, package in packages:
+        for rollback in (True, False):
+            params = [torch.nn.Parameter(t.clone()) for t in initial]
+            opt = package.SOAP([{"params": params, "rollback_on_error": rollback}], lr=1e-3,
+                               precondition_frequency=10, fused=False)
+            runs.append({"name": name, "rollback": rollback, "params": params, "opt": opt, "times": [], "worst": 0.0})
+    for step in range(args.steps):
+        chosen = torch.rand(args.experts, generator=gen) < 0.5
+        chosen[step % args.experts] = True
+        grads = [torch.randn(args.dim, args.dim, generator=gen) if active else None for active in chosen.tolist()]
+        for k in range(len(runs)):
+            run_ = runs[(step + k) % len(runs)]
+            for param, grad in zip(run_["params"], grads):
+                param.grad = None if grad is None else grad.clone()
+            start = time.perf_counter()
+            run_["opt"].step()
+            if step >= args.warmup:
+                run_["times"].append(time.perf_counter() - start)
+            run_["worst"] = max(run_["worst"], memory_ratio(run_["opt"]))
+    reference = None
+    for run_ in runs:
+        median = sorted(run_["times"])[len(run_["times"]) // 2]
+        reference = reference or median
+        print(f"{run_['name']:14s} rollback_on_error={str(run_['rollback']):5s}  step {median * 1e3:6.2f} ms "
+              f"(median, x{median / reference:.2f})  memory ratio worst {run_['worst']:.3f} "
+              f"last {memory_ratio(run_['opt']):.3f}")
+
+
 def _compare(args) -> None:
     """Every (package, rollback) configuration in a fresh process, interleaved ``--repeats`` times."""
     trees = [("this checkout", None)] + [(f"baseline {i + 1}", path) for i, path in enumerate(args.baseline or [])]
@@ -151,8 +205,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         _child(args)
-    elif args.gpt or args.baseline:
+    elif args.gpt:
         _compare(args)
+    elif args.baseline:
+        torch.set_num_threads(1)
+        moe_interleaved(args)
     else:
         for name, foreach in (("batched", None), ("one at a time", False)):
             worst, last, mean = run(args.experts, args.dim, args.steps, args.warmup, foreach)

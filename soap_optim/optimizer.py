@@ -244,8 +244,9 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         defaults = {**defaults}
         defaults.setdefault("skip_nonfinite_grads", False)
         # Undo a step whose math raised (out of memory included). Costs a transient copy of the stepped
-        # parameters and their state during each step (SOAP on a 12.9M-parameter GPT: +534 MB peak RSS,
-        # the state's own size); a param group may set it False to save that memory.
+        # parameters and their state during each step where the math may fail after it began writing (the
+        # state's own size; SOAP's PyTorch paths hold their writes back instead and need none); a param
+        # group may set it False to save that memory.
         defaults.setdefault("rollback_on_error", True)
         check_bool("shard_over_replicas", shard_over_replicas)
         self._distribution: Distribution = make_distribution(process_group, shard_over_replicas)
