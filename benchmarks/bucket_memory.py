@@ -18,7 +18,8 @@ over the steps (high-water mark reset before them, ``/proc/self/clear_refs``; Li
 in a fresh process. ``--baseline DIR`` (repeatable) runs every configuration (MoE and GPT) also with the soap_optim
 package found in DIR (e.g. ``git archive <commit> soap_optim kernels``, kernels copied to
 soap_optim/kernels), interleaved with this checkout's runs, so that before/after ratios come from one run
-(MoE: all packages in one process, stepped in turn on the same routing and gradients).
+(``--interleaved``: step times with all packages in one process, stepped in turn on the same routing and
+gradients; without it each configuration runs in a fresh process, which peak memory needs).
 """
 from __future__ import annotations
 
@@ -130,26 +131,37 @@ def _load_package(path: str, alias: str):
     return module
 
 
-def moe_interleaved(args) -> None:
-    """The MoE step time of every (package, rollback) configuration in one process, stepped in turn on the
-    same routing and gradients (the order rotating every step), so that load on the machine hits them
-    alike; median step time and its ratio to the first configuration's. Memory ratio after every step."""
+def interleaved(args) -> None:
+    """The step time of every (package, rollback) configuration in one process, stepped in turn on the same
+    routing and gradients (the order rotating every step), so that load on the machine hits them alike;
+    median (and mean) step time and the median's ratio to the first configuration's. Memory ratio after
+    every step. The MoE layer (``precondition_frequency=10``), or with ``--gpt`` the GPT (SOAP's defaults,
+    every parameter with a gradient)."""
     packages = [("this checkout", sys.modules["soap_optim"])] + [
         (f"baseline {i + 1}", _load_package(path, f"soap_optim_baseline_{i + 1}")) for i, path in enumerate(args.baseline)
     ]
     gen = torch.Generator().manual_seed(0)
-    initial = [torch.randn(args.dim, args.dim, generator=gen) for _ in range(args.experts)]
+    if args.gpt:
+        from soap_optim.bench.tasks import gpt
+
+        initial = [p.detach().clone() for p in gpt(512, 4, 128).parameters()]
+        options = {}
+    else:
+        initial = [torch.randn(args.dim, args.dim, generator=gen) for _ in range(args.experts)]
+        options = dict(lr=1e-3, precondition_frequency=10, fused=False)
     runs = []
     for name, package in packages:
         for rollback in (True, False):
             params = [torch.nn.Parameter(t.clone()) for t in initial]
-            opt = package.SOAP([{"params": params, "rollback_on_error": rollback}], lr=1e-3,
-                               precondition_frequency=10, fused=False)
+            opt = package.SOAP([{"params": params, "rollback_on_error": rollback}], **options)
             runs.append({"name": name, "rollback": rollback, "params": params, "opt": opt, "times": [], "worst": 0.0})
     for step in range(args.steps):
-        chosen = torch.rand(args.experts, generator=gen) < 0.5
-        chosen[step % args.experts] = True
-        grads = [torch.randn(args.dim, args.dim, generator=gen) if active else None for active in chosen.tolist()]
+        if args.gpt:
+            grads = [torch.randn(t.shape, generator=gen) * 1e-2 for t in initial]
+        else:
+            chosen = torch.rand(args.experts, generator=gen) < 0.5
+            chosen[step % args.experts] = True
+            grads = [torch.randn(args.dim, args.dim, generator=gen) if active else None for active in chosen.tolist()]
         for k in range(len(runs)):
             run_ = runs[(step + k) % len(runs)]
             for param, grad in zip(run_["params"], grads):
@@ -163,8 +175,9 @@ def moe_interleaved(args) -> None:
     for run_ in runs:
         median = sorted(run_["times"])[len(run_["times"]) // 2]
         reference = reference or median
+        mean = sum(run_["times"]) / len(run_["times"])
         print(f"{run_['name']:14s} rollback_on_error={str(run_['rollback']):5s}  step {median * 1e3:6.2f} ms "
-              f"(median, x{median / reference:.2f})  memory ratio worst {run_['worst']:.3f} "
+              f"(median, x{median / reference:.2f}; mean {mean * 1e3:.2f})  memory ratio worst {run_['worst']:.3f} "
               f"last {memory_ratio(run_['opt']):.3f}")
 
 
@@ -200,16 +213,18 @@ def main() -> None:
     parser.add_argument("--baseline", action="append", help="a directory holding an older soap_optim package to "
                         "compare with (repeatable)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--interleaved", action="store_true", help="step times of every configuration in one "
+                        "process, stepped in turn (peak memory needs --gpt without it: a fresh process each)")
     parser.add_argument("--child", choices=("moe", "gpt"), help=argparse.SUPPRESS)
     parser.add_argument("--rollback", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
-    elif args.gpt:
-        _compare(args)
-    elif args.baseline:
+    elif args.interleaved:
         torch.set_num_threads(1)
-        moe_interleaved(args)
+        interleaved(args)
+    elif args.gpt or args.baseline:
+        _compare(args)
     else:
         for name, foreach in (("batched", None), ("one at a time", False)):
             worst, last, mean = run(args.experts, args.dim, args.steps, args.warmup, foreach)
