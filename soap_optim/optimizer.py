@@ -39,6 +39,7 @@ from .distributed import Distribution, make_distribution
 from .distributed import checkpoint as distributed_checkpoint
 from .state_tree import map_tensors
 from .gradient_check import describe
+from .pending_writes import PendingWrites
 from .precision import full_float32_matmul
 from .validation import as_number, check_bool, check_choice
 
@@ -176,7 +177,8 @@ class _Rollback:
     it began modifying tensors, the parameters about to be stepped and their state are copied, and undoing
     puts the values back; the copy lives for the duration of the step (transient memory: those
     parameters and their state once more). A group whose math allocates everything before it modifies
-    anything (``_math_allocates_first``: Adam's PyTorch paths) needs no copy.
+    anything (``_math_allocates_first``: Adam's PyTorch paths; SOAP's, which hold their writes back until
+    every group's math has run) needs no copy.
     """
 
     def __init__(self, work: Sequence[Tuple[Dict[str, Any], List["Slot"]]], copies: Sequence[bool]) -> None:
@@ -242,8 +244,9 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         defaults = {**defaults}
         defaults.setdefault("skip_nonfinite_grads", False)
         # Undo a step whose math raised (out of memory included). Costs a transient copy of the stepped
-        # parameters and their state during each step (SOAP on a 12.9M-parameter GPT: +534 MB peak RSS,
-        # the state's own size); a param group may set it False to save that memory.
+        # parameters and their state during each step where the math may fail after it began writing (the
+        # state's own size; SOAP's PyTorch paths hold their writes back instead and need none); a param
+        # group may set it False to save that memory.
         defaults.setdefault("rollback_on_error", True)
         check_bool("shard_over_replicas", shard_over_replicas)
         self._distribution: Distribution = make_distribution(process_group, shard_over_replicas)
@@ -562,14 +565,26 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if prepared is None:
             return loss
         screen, work = prepared
+        stepped = [slot.param for _, slots in work for slot in slots]
+        # of two parameters on one storage, the second must be stepped from the first one's result: each
+        # group's writes are then applied right after its math, and the backup copy undoes a failure
+        shared = len({param.untyped_storage().data_ptr() for param in stepped}) < len(stepped)
         rollback = _Rollback(work, [
-            hyper["rollback_on_error"] and not self._math_allocates_first(hyper, slots) for hyper, slots in work
+            hyper["rollback_on_error"] and (shared or not self._math_allocates_first(hyper, slots))
+            for hyper, slots in work
         ])
+        held = []
         try:
             with full_float32_matmul():  # the preconditioner's products ignore the user's TF32/bf16 settings
                 for hyper, slots in work:
                     if slots:
-                        self._step_group(hyper, slots, screen)
+                        writes = self._step_group(hyper, slots, screen)
+                        if writes is not None:
+                            held.append(writes)
+                            if shared:
+                                held.pop().apply()
+                for writes in held:  # every group's math ran: the writes it held back cannot fail
+                    writes.apply()
         except BaseException:
             rollback.undo()
             raise
@@ -582,13 +597,16 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     self._layouts[param] = self._layout_key(hyper, param)
         return loss
 
-    def _step_group(self, hyper: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
+    def _step_group(self, hyper: Dict[str, Any], slots: List[Slot], screen: Screen) -> Optional[PendingWrites]:
+        """Step one group: write in place and return None, or write nothing and return the writes, which
+        the base applies once every group's math has run (see :mod:`soap_optim.pending_writes`)."""
         raise NotImplementedError
 
     def _math_allocates_first(self, hyper: Dict[str, Any], slots: List[Slot]) -> bool:
-        """Whether ``_step_group`` allocates every temporary before it modifies any tensor, so that an
-        exception (out of memory) can only come before anything changed and the step needs no backup copy
-        to undo itself (see ``_Rollback``). Default: not known, so the step keeps a transient copy."""
+        """Whether ``_step_group`` allocates every temporary before it modifies any tensor (it returns its
+        writes held back, or writes after its last allocation), so that an exception (out of memory) can
+        only come before anything changed and the step needs no backup copy to undo itself (see
+        ``_Rollback``). Default: not known, so the step keeps a transient copy."""
         return False
 
     def _release_idle_buffers(self, work) -> None:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -25,6 +26,7 @@ from .buckets import flat_state, own_storage, stacked_state
 from .dispatch import get_ops, resolve_ops
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
 from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
+from .pending_writes import PendingWrites
 from .validation import (
     check_betas,
     check_bool,
@@ -286,9 +288,18 @@ class SOAP(SoapOptimizerBase):
     # _max_grad_norm: the base's sqrt(max)/2. The rotation's partial sums are bounded by ||G||_F (orthonormal
     # columns, Cauchy-Schwarz), so the rotated entries, their squares and every EMA stay finite below it.
 
-    def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
+    def _math_allocates_first(self, hyper: Dict[str, Any], slots: List[Slot]) -> bool:
+        # The PyTorch paths compute every new value before they write and hold the writes back (see
+        # soap_optim.pending_writes); not so with the Triton kernels (the factor kernel is launched, and
+        # compiled the first time, while the writes are applied).
+        return hyper["foreach"] is False or not (
+            hyper["fused"] is True or (hyper["fused"] is None and any(slot.param.is_cuda for slot in slots))
+        )
+
+    def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> PendingWrites:
         guard = screen.grams_may_overflow
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
+        writes = PendingWrites()
         ready = []
         for slot in slots:
             plan = plan_of(slot, group)
@@ -298,14 +309,15 @@ class SOAP(SoapOptimizerBase):
                 _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard)
             else:
                 ready.append(_Item(slot.param, grad, state, plan))
-        steps = advance_steps([item.state for item in ready])
+        steps = next_steps([item.state for item in ready], writes)
+        ready = [item._replace(step=step) for item, step in zip(ready, steps)]
         if group["foreach"] is False:
-            for item, step in zip(ready, steps):
-                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, step, guard)
-            return
+            for item in _sequential_if_shared(ready, group, shampoo_beta, guard):
+                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, item.step, guard, writes)
+            return writes
         buckets: Dict[Tuple, List[_Item]] = {}
-        for item, step in zip(ready, steps):
-            item = item._replace(step=step)
+        for item in ready:
+            step = item.step
             full_second_moment = "exp_avg_sq" in item.state
             if len(item.plan.merged_shape) >= 2 and full_second_moment and item.plan.is_preconditioned:
                 key = (item.plan.merged_shape, item.plan.preconditioned, item.grad.dtype, item.grad.device)
@@ -318,16 +330,17 @@ class SOAP(SoapOptimizerBase):
                 # no rotation at all: plain elementwise Adam, batched over same-step tensors
                 key = ("elementwise", item.grad.dtype, item.param.dtype, item.grad.device, step)
             else:
-                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, step, guard)
+                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, step, guard, writes)
                 continue
             buckets.setdefault(key, []).append(item)
         if buckets:
             ops = resolve_ops(group["fused"], (item.state["exp_avg"] for items in buckets.values() for item in items))
             for key, items in buckets.items():
                 if key[0] == "elementwise":
-                    soap_elementwise_update_(items, group, ops)
+                    soap_elementwise_update_(items, group, ops, writes)
                 else:
-                    soap_bucket_update_(items, group, shampoo_beta, ops, guard)
+                    soap_bucket_update_(items, group, shampoo_beta, ops, writes, guard)
+        return writes
 
 
 class _Item(NamedTuple):
@@ -335,7 +348,7 @@ class _Item(NamedTuple):
     grad: torch.Tensor  # merged layout, state precision, sign-flipped under maximize
     state: Dict[str, Any]
     plan: Plan
-    step: int = 0  # the step this update takes (state["step"] already advanced by advance_steps)
+    step: int = 0  # the step this update takes (state["step"] + 1, see next_steps)
 
 
 def plan_of(slot: Slot, group: Dict[str, Any]) -> Plan:
@@ -376,38 +389,56 @@ def soap_update_(
     shampoo_beta: float,
     step: int,
     guard: bool = True,
+    writes: Optional[PendingWrites] = None,
 ) -> None:
     """One SOAP step for one parameter; ``grad`` is in the merged layout and state precision.
 
-    ``step``: the step this update takes (the caller has advanced ``state["step"]`` to it, see
-    ``advance_steps``). ``guard=False`` skips the factor-overflow check (the caller knows the gradient is
-    small enough)."""
+    ``step``: the step this update takes (``state["step"] + 1``; the counter itself is the caller's, see
+    ``next_steps``). Every new value is computed before anything is written; the writes are left in
+    ``writes`` for the caller to apply, or applied at the end without it. ``guard=False`` skips the
+    factor-overflow check (the caller knows the gradient is small enough)."""
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
-    bases, exp_avg = state["bases"], state["exp_avg"]
+    bases = state["bases"]
 
     rotated = project(grad, bases)
-    first_moment_ema_(exp_avg, rotated, beta1)
-    denom = _second_moment_update_(state, rotated, beta2).sqrt().add_(group["eps"])
+    exp_avg = first_moment_ema_(state["exp_avg"].clone(), rotated, beta1)
+    second = {key: state[key].clone() for key in _SECOND_MOMENTS if key in state}
+    denom = _second_moment_update_(second, rotated, beta2).sqrt().add_(group["eps"])
     step_size = _step_size(group, step)
     update = project_back(exp_avg / denom, bases)
     if group["normalize_grads"]:
         update = update / (1e-30 + update.square().mean().sqrt())
-    apply_update_(param, plan.from_merged(update), step_size, lr * group["weight_decay"])
-
-    # a batch of one through the bucket path's factor op, so that both paths accumulate the same bits
+    new_param = param.clone()
+    apply_update_(new_param, plan.from_merged(update), step_size, lr * group["weight_decay"])
     factor_grad = without_overflowing_grams(grad) if guard else grad
-    _bucket_factor_ema_(_as_batch_of_one(state["factors"]), factor_grad.unsqueeze(0), shampoo_beta, get_ops(False))
-    _maybe_refresh_(state, step, group)
+
+    now = writes is None
+    writes = PendingWrites() if now else writes
+    writes.copy(state["exp_avg"], exp_avg)
+    for key, value in second.items():
+        writes.copy(state[key], value)
+    writes.copy(param, new_param)
+    # a batch of one through the bucket path's factor op, so that both paths accumulate the same bits
+    writes.update(_bucket_factor_ema(_as_batch_of_one(state["factors"]), factor_grad.unsqueeze(0), shampoo_beta, get_ops(False)))
+    if step % group["precondition_frequency"] == 0:
+        writes.refresh(partial(_refresh_one_, state, group))
+    if now:
+        writes.apply()
 
 
-def advance_steps(states: List[Dict[str, Any]]) -> List[int]:
-    """``state["step"] += 1`` for every state in one op, and the new counts with one host read."""
+# the second-moment statistics a state may keep: the full one, or Adafactor-style row and column sums
+_SECOND_MOMENTS = ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
+
+
+def next_steps(states: List[Dict[str, Any]], writes: PendingWrites) -> List[int]:
+    """The step each state takes now, ``state["step"] + 1``, with one host read; the counters advance (in
+    one op) when ``writes`` are applied."""
     if not states:
         return []
     counters = [state["step"] for state in states]
-    torch._foreach_add_(counters, 1)
-    return [int(count) for count in torch.stack(counters).tolist()]
+    writes.update(partial(torch._foreach_add_, counters, 1))
+    return [int(count) + 1 for count in torch.stack(counters).tolist()]
 
 
 def _step_size(group: Dict[str, Any], step: int) -> float:
@@ -424,43 +455,84 @@ def _as_batch_of_one(tensors: List[Optional[torch.Tensor]]) -> List[Optional[tor
     return [None if t is None else t.unsqueeze(0) for t in tensors]
 
 
-def _maybe_refresh_(state: Dict[str, Any], step: int, group: Dict[str, Any]) -> None:
-    """Every precondition_frequency steps: refresh the bases and carry the moments along.
+def _refresh_stack_(
+    factors: List[Optional[torch.Tensor]], bases: List[Optional[torch.Tensor]], exp_avg: torch.Tensor,
+    second_moments: List[torch.Tensor], group: Dict[str, Any], rows: Optional[List[int]] = None,
+    install: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> None:
+    """Refresh a stack's bases ([B, d, d], None for an axis without one) and carry its moments ([B, *merged])
+    to them: the full second moment, or the row and column sums (``second_moments``), permuted with the
+    columns or, with ``rotate_second_moment``, rotated. ``rows``: only these members of the stack (those
+    due, in a bucket whose members are at different steps), gathered into one smaller stack and written
+    back. ``install(axis, new_stack)``: puts a new basis in place of copying it into the old one.
+    Everything is computed before anything is written, so an exception leaves the stack as it was (see
+    ``pending_writes``)."""
+    rotate = group["rotate_second_moment"]
+    moments = [exp_avg, *second_moments]
+    if rows is None:
+        old_bases, carried = list(bases), [moment.clone() for moment in moments]
+    else:
+        index = torch.tensor(rows, device=exp_avg.device)
+        factors = [None if f is None else f.index_select(0, index) for f in factors]
+        old_bases = [None if b is None else b.index_select(0, index) for b in bases]
+        carried = [moment.index_select(0, index) for moment in moments]
+    new_bases = list(old_bases)
+    orders = refresh_bases_(
+        factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"],
+        exp_avg_sq=carried[1] if rotate else None,
+    )
+    if all(order is None for order in orders):
+        return
+    if not rotate:  # carried to the new bases inside refresh_bases_
+        if len(second_moments) == 1:
+            permute_axes_(carried[1], orders, batch_dims=1)
+        else:
+            permute_axes_(carried[1], orders[:1], batch_dims=1)
+            permute_axes_(carried[2], orders[1:], batch_dims=1)
+    def write(target: torch.Tensor, value: torch.Tensor) -> None:
+        if rows is None:
+            target.copy_(value)
+        else:
+            target.index_copy_(0, index, value)
+
+    for target, value in zip(moments, carried):
+        write(target, value)
+    for axis, (target, old, new) in enumerate(zip(bases, old_bases, new_bases)):
+        if new is old:
+            continue
+        if install is not None:
+            install(axis, new)
+        else:
+            write(target, new)
+
+
+def _refresh_one_(state: Dict[str, Any], group: Dict[str, Any]) -> None:
+    """Refresh one parameter's bases and carry its moments along (a due step), in place.
 
     One parameter is refreshed as a bucket of one, through the same batched products and QR as a
     bucket: with a rank-deficient factor the basis of its null space is whatever the rounding makes
     it, so both paths must round alike.
     """
-    if step % group["precondition_frequency"] != 0:
-        return
-    bases = _as_batch_of_one(state["bases"])
-    rotate = group["rotate_second_moment"]
-    orders = refresh_bases_(
-        _as_batch_of_one(state["factors"]), bases, state["exp_avg"].unsqueeze(0), batch_dims=1,
-        tolerance=group["refresh_tolerance"], exp_avg_sq=state["exp_avg_sq"].unsqueeze(0) if rotate else None,
+    _refresh_stack_(
+        _as_batch_of_one(state["factors"]), _as_batch_of_one(state["bases"]), state["exp_avg"].unsqueeze(0),
+        [state[key].unsqueeze(0) for key in _SECOND_MOMENTS if key in state], group,
+        # the new basis itself, in the QR's memory layout, which later products round by
+        install=lambda axis, new: state["bases"].__setitem__(axis, new[0]),
     )
-    for axis, (basis, order) in enumerate(zip(bases, orders)):
-        if order is not None:
-            state["bases"][axis] = basis[0]
-    if rotate:  # carried to the new bases inside refresh_bases_
-        return
-    if "exp_avg_sq" in state:
-        permute_axes_(state["exp_avg_sq"].unsqueeze(0), orders, batch_dims=1)
-    else:
-        permute_axes_(state["exp_avg_sq_row"].unsqueeze(0), orders[:1], batch_dims=1)
-        permute_axes_(state["exp_avg_sq_col"].unsqueeze(0), orders[1:], batch_dims=1)
 
 
 def soap_bucket_update_(
-    items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops, guard: bool = True
+    items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops, writes: PendingWrites, guard: bool = True
 ) -> None:
     """One SOAP step for a bucket of parameters with one merged shape (2-D or more), through batched ops.
 
     State lives in stacked [B, ...] buffers (see ``buckets``); gradients and parameters are stacked for
-    the step and parameters copied back. A matrix is rotated on both sides inside the fused ops. A
-    tensor of K >= 3 merged axes is rotated on axes 1..K-1 by batched products first and on axis K
-    (the right side of its [rows, d_K] matrix view) inside the fused ops, whose epilogues hold the Adam
-    update and the parameter update; mode products on different axes commute, so the order is free.
+    the step. A matrix is rotated on both sides inside the fused ops. A tensor of K >= 3 merged axes
+    is rotated on axes 1..K-1 by batched products first and on axis K (the right side of its
+    [rows, d_K] matrix view) inside the fused ops, whose epilogues hold the Adam update and the
+    parameter update; mode products on different axes commute, so the order is free. The new moments
+    and parameters are computed into buffers of their own and left in ``writes``, with the factor EMA
+    and the refresh.
     """
     items = _sequential_if_shared(items, group, shampoo_beta, guard)
     if not items:
@@ -474,6 +546,7 @@ def soap_bucket_update_(
     grads = torch.stack([item.grad for item in items]).contiguous()  # stack keeps permuted strides
     exp_avg = stacked_state(states, "exp_avg")
     exp_avg_sq = stacked_state(states, "exp_avg_sq")
+    new_exp_avg, new_exp_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
     steps = [item.step for item in items]
     beta1, beta2 = group["betas"]
     precision = group["rotation_precision"]
@@ -485,7 +558,7 @@ def soap_bucket_update_(
 
     rotated = grads if outer_bases is None else project(grads, outer_bases, batch_dims=1)
     direction = ops.rotate_adam_(
-        rotated.reshape(matrix), q_left, q_right, exp_avg.view(matrix), exp_avg_sq.view(matrix),
+        rotated.reshape(matrix), q_left, q_right, new_exp_avg.view(matrix), new_exp_avg_sq.view(matrix),
         beta1=beta1, beta2=beta2, eps=group["eps"], precision=precision,
     )
     if outer_bases is not None:
@@ -501,42 +574,31 @@ def soap_bucket_update_(
         decay=float(group["lr"]) * group["weight_decay"], normalize=group["normalize_grads"], precision=precision,
     )
     factor_grads = without_overflowing_grams(grads, batch_dims=1) if guard else grads
-    _bucket_factor_ema_(stacked_factors, factor_grads, shampoo_beta, ops)
-    for index, item in enumerate(items):
-        item.param.copy_(item.plan.from_merged(params[index]))
 
+    writes.copy(exp_avg, new_exp_avg)
+    writes.copy(exp_avg_sq, new_exp_avg_sq)
+    for index, item in enumerate(items):
+        writes.copy(item.param, item.plan.from_merged(params[index]))
+    writes.update(_bucket_factor_ema(stacked_factors, factor_grads, shampoo_beta, ops))
     frequency = group["precondition_frequency"]
     due = [t % frequency == 0 for t in steps]
     if all(due):
         # the whole bucket refreshes at once: one batched QR per axis, bases rewritten in place
-        bases = list(stacked_bases)
-        rotate = group["rotate_second_moment"]
-        orders = refresh_bases_(
-            stacked_factors, bases, exp_avg, batch_dims=1, tolerance=group["refresh_tolerance"],
-            exp_avg_sq=exp_avg_sq if rotate else None,
-        )
-        if not rotate:
-            permute_axes_(exp_avg_sq, orders, batch_dims=1)
-        for stack, new in zip(stacked_bases, bases):
-            if stack is not None and new is not stack:
-                stack.copy_(new)
+        writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group))
     elif any(due):
-        for state, t in zip(states, steps):
-            rows = list(state["bases"])
-            _maybe_refresh_(state, t, group)
-            for axis, row in enumerate(rows):
-                if row is not None and state["bases"][axis] is not row:
-                    # keep the refreshed basis in its row of the bucket's buffer
-                    state["bases"][axis] = row.copy_(state["bases"][axis])
+        # the due members together, gathered from the bucket's buffers and written back
+        rows = [row for row, is_due in enumerate(due) if is_due]
+        writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group, rows))
 
 
 def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, guard: bool) -> List[_Item]:
     """Step, one at a time and in order, the items whose parameter shares its storage with another item's;
     return the rest.
 
-    The batched paths stack or concatenate the parameters and copy them back, so of two parameters on one
-    storage only the last copy would survive. One at a time, each update is applied to the other's result,
-    as foreach=False and torch.optim.AdamW do (only host metadata is read: no sync).
+    Every path computes new parameters into buffers of their own and copies them back, so of two
+    parameters on one storage only the last copy would survive. One at a time and written at once, each
+    update is applied to the other's result, as torch.optim.AdamW does (only host metadata is read: no
+    sync).
     """
     storages = [item.param.untyped_storage().data_ptr() for item in items]
     if len(set(storages)) == len(storages):
@@ -551,29 +613,40 @@ def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_bet
     return rest
 
 
-def _bucket_factor_ema_(factors: List[Optional[torch.Tensor]], grads: torch.Tensor, beta: float, ops) -> None:
-    """F_k <- beta F_k + (1 - beta) C_k for a [B, *merged] stack, through the fused factor op.
+def _bucket_factor_ema(
+    factors: List[Optional[torch.Tensor]], grads: torch.Tensor, beta: float, ops
+) -> Callable[[], None]:
+    """F_k <- beta F_k + (1 - beta) C_k for a [B, *merged] stack through the fused factor op, returned as an
+    update to apply later: what it reads is prepared now, so applying it writes in place and allocates
+    nothing.
 
     A matrix updates both factors in one call; for K >= 3 axes, axis k's Gram matrix is the left
-    factor of the [B, d_k, rest] unfolding.
+    factor of the [B, d_k, rest] unfolding (a copy, made now).
     """
     if grads.dim() == 3:
-        ops.factor_ema_(factors[0], factors[1], grads, beta)
-        return
-    for axis, factor in enumerate(factors):
-        if factor is not None:
-            unfolded = grads.movedim(axis + 1, 1).reshape(grads.shape[0], grads.shape[axis + 1], -1)
-            ops.factor_ema_(factor, None, unfolded, beta)
+        calls = [(factors[0], factors[1], grads)]
+    else:
+        calls = [
+            (factor, None, grads.movedim(axis + 1, 1).reshape(grads.shape[0], grads.shape[axis + 1], -1))
+            for axis, factor in enumerate(factors)
+            if factor is not None
+        ]
+
+    def apply() -> None:
+        for left, right, grad in calls:
+            ops.factor_ema_(left, right, grad, beta)
+
+    return apply
 
 
-def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> None:
+def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops, writes: PendingWrites) -> None:
     """SOAP's step for parameters with no preconditioned axis and a common step count: Adam with the
     reference's conventions (eps before bias correction, decay after the update), one fused call.
 
     Two or more tensors are stepped as one flat vector: their moments live back to back in one buffer
-    (see ``buckets.flat_state``), gradients and parameters are concatenated for the step and the
-    parameters copied back, so the call costs a handful of ops (or one kernel launch) however many
-    small tensors (biases, norm gains) the bucket holds."""
+    (see ``buckets.flat_state``), gradients and parameters are concatenated for the step, so the call
+    costs a handful of ops (or one kernel launch) however many small tensors (biases, norm gains) the
+    bucket holds. The new moments and parameters go to buffers of their own, left in ``writes``."""
     items = _sequential_if_shared(items, group, 0.0, False)  # no factors here: beta and guard are unused
     if not items:
         return
@@ -586,27 +659,31 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> 
         decay=float(group["lr"]) * group["weight_decay"],
         decay_first=False,
     )
-    if len(items) == 1:
-        item = items[0]
-        own_storage([item.state], "exp_avg")  # out of a flat buffer that other members have left
-        own_storage([item.state], "exp_avg_sq")
-        ops.adam_(item.param, item.grad, item.state["exp_avg"], item.state["exp_avg_sq"], **kwargs)
-        return
     states = [item.state for item in items]
-    exp_avg, exp_avg_sq = flat_state(states, "exp_avg"), flat_state(states, "exp_avg_sq")
     params = [item.param for item in items]
-    flat_params = torch.cat([p.reshape(-1) for p in params])
-    ops.adam_(flat_params, torch.cat([item.grad.reshape(-1) for item in items]), exp_avg, exp_avg_sq, **kwargs)
-    rows = [row.view_as(p) for row, p in zip(flat_params.split([p.numel() for p in params]), params)]
-    if hasattr(torch, "_foreach_copy_"):
-        torch._foreach_copy_(params, rows)
-    else:  # older torch
-        for param, row in zip(params, rows):
-            param.copy_(row)
+    if len(items) == 1:
+        own_storage(states, "exp_avg")  # out of a flat buffer that other members have left
+        own_storage(states, "exp_avg_sq")
+        exp_avg, exp_avg_sq, grad = states[0]["exp_avg"], states[0]["exp_avg_sq"], items[0].grad
+        new_params = params[0].clone()
+    else:
+        exp_avg, exp_avg_sq = flat_state(states, "exp_avg"), flat_state(states, "exp_avg_sq")
+        grad = torch.cat([item.grad.reshape(-1) for item in items])
+        new_params = torch.cat([p.reshape(-1) for p in params])
+    new_exp_avg, new_exp_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
+    ops.adam_(new_params, grad, new_exp_avg, new_exp_avg_sq, **kwargs)
+    writes.copy(exp_avg, new_exp_avg)
+    writes.copy(exp_avg_sq, new_exp_avg_sq)
+    if len(items) == 1:
+        writes.copy(params[0], new_params)
+        return
+    for param, row in zip(params, new_params.split([p.numel() for p in params])):
+        writes.copy(param, row.view_as(param))
 
 
 def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: float) -> torch.Tensor:
-    """EMA of the squared rotated gradient; returns the second-moment estimate v (full or factored)."""
+    """In place: EMA of the squared rotated gradient in ``state``'s statistics; returns the second-moment
+    estimate v (full or factored)."""
     if "exp_avg_sq" in state:
         exp_avg_sq = state["exp_avg_sq"].mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
         # a square that overflowed is capped at the dtype's max (as in the kernels): never inf in state

@@ -176,3 +176,27 @@ def test_rank_deficient_factor_keeps_the_paths_together_in_training():
     w_single, _ = _rank_deficient_run(False, feedback=True)
     w_batched, _ = _rank_deficient_run(None, feedback=True)
     torch.testing.assert_close(w_single, w_batched, rtol=0, atol=1e-8)
+
+
+def test_members_due_at_different_steps_refresh_together_as_alone():
+    """Members of a bucket at different steps (mixture-of-experts routing) have their refreshes due at
+    different calls; the due ones are refreshed as one gathered stack and written back to their rows:
+    bit for bit the bases of the one-parameter path, which refreshes each member as a bucket of one."""
+
+    def bases_after_routing(foreach):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(6, 5, generator=generator)) for _ in range(8)]
+        opt = SOAP(params, precondition_frequency=3, foreach=foreach, fused=False)
+        for _ in range(30):
+            routed = (torch.rand(8, generator=generator) < 0.5).tolist()
+            for param, active in zip(params, routed):
+                param.grad = torch.randn(6, 5, generator=generator) if active else None
+            opt.step()
+        return [opt.state[p]["bases"] for p in params], {int(opt.state[p]["step"]) for p in params}
+
+    batched, steps = bases_after_routing(None)
+    single, _ = bases_after_routing(False)
+    assert len(steps) > 2  # the members did drift apart
+    for member_batched, member_single in zip(batched, single):
+        for a, b in zip(member_batched, member_single):
+            assert torch.equal(a, b)
