@@ -569,9 +569,15 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         # of two parameters on one storage, the second must be stepped from the first one's result: each
         # group's writes are then applied right after its math, and the backup copy undoes a failure
         shared = len({param.untyped_storage().data_ptr() for param in stepped}) < len(stepped)
+        # a group that writes in place needs its copy unless no other group's math runs after it: a later
+        # group's failure would otherwise leave its writes behind (held writes are applied after all the math)
+        last = max((i for i, (_, slots) in enumerate(work) if slots), default=-1)
         rollback = _Rollback(work, [
-            hyper["rollback_on_error"] and (shared or not self._math_allocates_first(hyper, slots))
-            for hyper, slots in work
+            hyper["rollback_on_error"] and (
+                shared or not self._math_allocates_first(hyper, slots)
+                or (i < last and not self._holds_writes(hyper, slots))
+            )
+            for i, (hyper, slots) in enumerate(work)
         ])
         held = []
         try:
@@ -607,6 +613,11 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         writes held back, or writes after its last allocation), so that an exception (out of memory) can
         only come before anything changed and the step needs no backup copy to undo itself (see
         ``_Rollback``). Default: not known, so the step keeps a transient copy."""
+        return False
+
+    def _holds_writes(self, hyper: Dict[str, Any], slots: List[Slot]) -> bool:
+        """Whether ``_step_group`` returns its writes held back (applied once every group's math ran)
+        rather than writing in place. Default: it writes in place."""
         return False
 
     def _release_idle_buffers(self, work) -> None:

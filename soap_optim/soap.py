@@ -296,6 +296,9 @@ class SOAP(SoapOptimizerBase):
             hyper["fused"] is True or (hyper["fused"] is None and any(slot.param.is_cuda for slot in slots))
         )
 
+    def _holds_writes(self, hyper: Dict[str, Any], slots: List[Slot]) -> bool:
+        return True  # every path returns its writes (see _step_group)
+
     def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> PendingWrites:
         guard = screen.grams_may_overflow
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]

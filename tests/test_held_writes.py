@@ -160,3 +160,38 @@ def test_a_failed_refresh_keeps_its_bases_and_the_step_is_taken(config, monkeypa
         control.step()
     assert_bitwise_equal(optimizer_snapshot(opt), optimizer_snapshot(control))
     assert_bitwise_equal([p.detach() for p in params], [p.detach() for p in control_params])
+
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single-tensor"])
+def test_elementwise_groups_written_in_place_are_undone_when_a_later_group_fails(foreach):
+    """Adam's math writes each group in place once it has allocated everything, so it needs no copy of its
+    own; but a failure in a later group's math comes after those writes. An out-of-memory error at every
+    allocation of a two-group AdamW step in turn: parameters and state stay bit for bit as they were
+    (default rollback_on_error), and the step then gives a never-failed run's bits."""
+    from soap_optim import AdamW
+
+    def trained():
+        params = _model()
+        opt = AdamW([{"params": params[:3]}, {"params": params[3:]}], lr=0.1, foreach=foreach)
+        for step in range(3):
+            _grads(params, step)
+            opt.step()
+        _grads(params, 99)
+        return opt, params
+
+    opt, params = trained()
+    control, control_params = trained()
+    counter = _FailAt()
+    with counter:
+        control.step()
+    assert counter.count > 4
+    before, state_before = [p.detach().clone() for p in params], optimizer_snapshot(opt)
+    for n in range(1, counter.count + 1):
+        with pytest.raises(_OutOfMemory), _FailAt(n):
+            opt.step()
+        assert_bitwise_equal([p.detach() for p in params], before)
+        assert_bitwise_equal(optimizer_snapshot(opt), state_before)
+    opt.step()
+    assert_bitwise_equal([p.detach() for p in params], [p.detach() for p in control_params])
+    assert_bitwise_equal(optimizer_snapshot(opt), optimizer_snapshot(control))
