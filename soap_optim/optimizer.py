@@ -35,6 +35,7 @@ import torch
 from . import gradient_check
 from .buckets import stacked_state
 from .dispatch import fused_problem
+from .eigenbasis.bases import FallbackCounts, counting_fallbacks, report_fallbacks
 from .distributed import Distribution, make_distribution
 from .distributed import checkpoint as distributed_checkpoint
 from .state_tree import map_tensors
@@ -250,6 +251,8 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         self._warned_skip = False
         self._layouts: Dict[torch.Tensor, Tuple[str, ...]] = {}  # per parameter with state: _layout_key
         self._limits: Dict[Tuple, float] = {}  # _max_grad_norm by (shape, state dtype, layout options)
+        # the eigenbasis core's device-side fallbacks, read with the next step's gradient norms (see bases.py)
+        self._basis_fallbacks = FallbackCounts()
         super().__init__(params, defaults)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -264,6 +267,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if "_layouts" not in state:  # a copy made before the records travelled with it: rebuild them
             self._layouts = self._current_layouts()
         self.__dict__.setdefault("_limits", {})
+        self.__dict__.setdefault("_basis_fallbacks", FallbackCounts())
 
     def __getstate__(self) -> Dict[str, Any]:
         # the layout records travel with the state they describe (deepcopy, pickle, torch.save of the
@@ -479,11 +483,19 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         count = self._distribution.num_params(self.param_groups)
         squares = torch.zeros(count, dtype=torch.float64)
         if grads:
+            norms = gradient_check.squared_norms(grads)
+            # the last steps' eigenbasis fallbacks come back with the norms: no host read of their own
+            fallbacks = self._basis_fallbacks.take(norms.device)
+            if fallbacks is not None:
+                norms = torch.cat([norms, fallbacks])
+            norms = norms.cpu()  # the one host read
+            if fallbacks is not None:
+                report_fallbacks(norms[len(grads) :].tolist())
             entries = list(squares.unbind())
-            for index, square in zip(indices, gradient_check.squared_norms(grads).cpu().unbind()):
+            for index, square in zip(indices, norms[: len(grads)].unbind()):
                 entries[index] = square
             squares = torch.stack(entries)
-        values = self._distribution.all_reduce_sum(squares).tolist()  # the one host read
+        values = self._distribution.all_reduce_sum(squares).tolist()
         flagged = [index for index, value in enumerate(values) if not math.isfinite(value)]
         bad: Dict[int, bool] = {}
         if flagged:
@@ -565,8 +577,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         rollback = _Rollback(work, [
             hyper["rollback_on_error"] and not self._math_allocates_first(hyper, slots) for hyper, slots in work
         ])
+        fallbacks = FallbackCounts()
         try:
-            with full_float32_matmul():  # the preconditioner's products ignore the user's TF32/bf16 settings
+            # the preconditioner's products ignore the user's TF32/bf16 settings
+            with full_float32_matmul(), counting_fallbacks(fallbacks):
                 for hyper, slots in work:
                     if slots:
                         self._step_group(hyper, slots, screen)
@@ -574,6 +588,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             rollback.undo()
             raise
         del rollback
+        self._basis_fallbacks.merge(fallbacks)
         self._release_idle_buffers(work)
         self._distribution.scatter(self)
         for hyper, group in zip((h for h, _ in work), self.param_groups):
@@ -620,6 +635,14 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             stacked_state(states, key, index)
 
     # ----------------------------------------------------------------- state_dict
+    def report_basis_fallbacks(self) -> None:
+        """Warn now about eigenbasis fallbacks (a non-finite factor or decomposition kept the previous or
+        identity basis) counted on the device since the last report; a host read when any were counted.
+        Each step does this with its gradient-norm read and ``state_dict()`` calls it."""
+        pending = self._basis_fallbacks.take(torch.device("cpu"))
+        if pending is not None:
+            report_fallbacks(pending.tolist())
+
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         """For each state key: the expected shape, or a list of shapes / None for list entries."""
         raise NotImplementedError
@@ -629,6 +652,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         complete state as DTensors when ``torch.distributed.checkpoint``'s state-dict API asks (every rank
         calls it); under FSDP2 otherwise this rank's marked share; under DDP with ``process_group=`` the
         result of this rank's last ``consolidate_state_dict``, and a RuntimeError without one."""
+        self.report_basis_fallbacks()
         state_dict = super().state_dict()
         distribution = self._distribution
         distribution.plan(self, self.param_groups, [self._check_group(g) for g in self.param_groups])

@@ -118,16 +118,29 @@ def test_refresh_carries_moments():
         torch.testing.assert_close(q.T @ q, torch.eye(len(q), dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_non_finite_factor_never_reaches_eigh(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1))
+def test_non_finite_factor_never_reaches_eigh_or_qr(monkeypatch):
+    """The decision is taken on the device (a zero matrix goes in instead): every input eigh and QR see is
+    finite, and the result is the identity (first basis) or the previous basis with the identity order."""
+    seen = []
+
+    def spy(original):
+        def call(matrix, *args, **kwargs):
+            seen.append(bool(torch.isfinite(matrix).all()))
+            return original(matrix, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy(torch.linalg.eigh))
+    monkeypatch.setattr(torch, "geqrf", spy(torch.geqrf))
     bad = torch.eye(3)
     bad[0, 1] = float("nan")
+    previous = _random_orthonormal(3, 5).float()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         assert torch.equal(initial_basis(bad), torch.eye(3))
-        assert refreshed_basis(bad, torch.eye(3)) is None
-    assert calls == []
+        basis, order = refreshed_basis(bad, previous)
+    assert torch.equal(basis, previous) and torch.equal(order, torch.arange(3))
+    assert seen and all(seen)
 
 
 def test_eigh_failure_is_retried_in_float64(monkeypatch):
