@@ -101,20 +101,22 @@ def _foreach_adam_(
     for (_, dtype), indices in buckets.items():
         # Low-precision parameters are updated through a copy in the state's dtype.
         work = [params[i] if params[i].dtype == dtype else params[i].to(dtype) for i in indices]
-        g = [grads[i].to(dtype) for i in indices]
+        g = [grads[i] if grads[i].dtype == dtype else grads[i].to(dtype) for i in indices]
         if maximize:
             g = torch._foreach_neg(g)
         if weight_decay != 0 and not decoupled_weight_decay:
             g = torch._foreach_add(g, work, alpha=weight_decay)
-        prepared.append((dtype, indices, work, g, [torch.empty_like(exp_avg_sqs[i]) for i in indices]))
-    for dtype, indices, work, g, denom in prepared:
+        # the counts this step takes, read in one conversion (host counters) before anything is modified
+        ts = [t + 1 for t in torch.stack([steps[i] for i in indices]).tolist()]
+        # the denominators' memory, in one call (its values are overwritten below)
+        prepared.append((dtype, indices, work, g, torch._foreach_neg([exp_avg_sqs[i] for i in indices]), ts))
+    for dtype, indices, work, g, denom, ts in prepared:
         m = [exp_avgs[i] for i in indices]
         v = [exp_avg_sqs[i] for i in indices]
         s = [steps[i] for i in indices]
         if weight_decay != 0 and decoupled_weight_decay:
             torch._foreach_mul_(work, 1 - lr * weight_decay)
         torch._foreach_add_(s, 1)
-        ts = [step.item() for step in s]
         if guard_overflow:
             foreach_first_moment_ema_(m, g, beta1)
         else:

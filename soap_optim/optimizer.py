@@ -375,16 +375,26 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         return tuple(f"{key}={hyper.get(key)!r}" for key in self._layout_keys)
 
     def _layout_key(self, hyper: Dict[str, Any], param: torch.Tensor, options=None) -> Tuple[str, ...]:
-        """What a parameter's state layout was built from: the layout options, its dtype and shape."""
+        """What a parameter's state layout was built from: the layout options, its dtype and shape (one
+        tuple object per distinct key, so that comparing a record with the current key is usually an
+        identity check)."""
         options = self._layout_options(hyper) if options is None else options
-        return options + (f"parameter dtype={param.dtype}", f"shape={tuple(param.shape)}")
+        memo = self.__dict__.setdefault("_layout_key_memo", {})
+        found = memo.get((options, param.dtype, param.shape))
+        if found is None:
+            found = options + (f"parameter dtype={param.dtype}", f"shape={tuple(param.shape)}")
+            memo[(options, param.dtype, param.shape)] = found
+        return found
 
     def _check_layout(self, options: Tuple[str, ...], param: torch.Tensor, where) -> None:
         """ValueError if the state of ``param`` was built under other layout ``options`` or another dtype
         (``where``: a callable describing the parameter, called only on error)."""
         built = self._layouts.get(param)
         current = self._layout_key({}, param, options)
-        if built is not None and built != current:
+        if built is not None and built is not current and built != current:
+            if not self.state.get(param):  # the state was emptied since: a new one may take any layout
+                del self._layouts[param]
+                return
             where = where()
             changed = [(old, new) for old, new in zip(built, current) if old != new]
             raise ValueError(
@@ -393,70 +403,104 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 f"change once the state exists: build a new optimizer for the new setting (nothing was modified)"
             )
 
+    def _membership(self) -> Tuple:
+        """What the per-parameter bookkeeping of a step depends on besides gradients and options: the state
+        dict's identity and size, and each group's parameters (identity, dtype, shape). While it stays the
+        same, the layout records need no pruning and the gradient limits computed before still hold."""
+        return (
+            id(self.state), len(self.state),
+            tuple((id(p), p.dtype, p.shape) for group in self.param_groups for p in group["params"]),
+        )
+
     def _prepare_step(self) -> Optional[Tuple[Screen, List[Tuple[Dict[str, Any], List[Slot]]]]]:
         """Everything that can fail, before anything is modified: the groups to step and their slots,
-        or None when the step is skipped (non-finite gradients under ``skip_nonfinite_grads``)."""
+        or None when the step is skipped (non-finite gradients under ``skip_nonfinite_grads``).
+
+        Per-parameter work is kept to what the gradients need (structure, dtype, the layout record's
+        identity check); what depends only on the groups' membership is recomputed when it changes."""
         name = type(self).__name__
-        self._prune_layouts()
+        membership = self._membership()
+        changed = membership != self.__dict__.get("_last_membership")
+        if changed:
+            self._prune_layouts()
+            self._limits_by_index = None
+            self._last_membership = membership
         hypers = [self._check_group(group) for group in self.param_groups]
-        for hyper, group in zip(hypers, self.param_groups):
-            self._check_can_step(hyper, [p for p in group["params"] if p.grad is not None])
-        self._check_new_state_fits(hypers)
-        for group_index, group in enumerate(self.param_groups):
-            for param_index, param in enumerate(group["params"]):
-                if param.grad is not None:
+        for group_index, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
+            with_grads = [p for p in group["params"] if p.grad is not None]
+            self._check_can_step(hyper, with_grads)
+            for param in with_grads:
+                grad = param.grad
+                if grad.layout is not torch.strided or grad.is_complex() or grad.shape != param.shape:
+                    param_index = next(i for i, p in enumerate(group["params"]) if p is param)
                     gradient_check.check_structure(
-                        name, lambda g=group_index, i=param_index, p=param: describe(g, i, p.shape), param, param.grad
+                        name, lambda g=group_index, i=param_index, p=param: describe(g, i, p.shape), param, grad
                     )
         work = self._distribution.gather(self, self.param_groups, hypers)
         grads_per_group: List[List[torch.Tensor]] = []
-        grads, indices = [], []
+        states_per_group: List[List[Dict[str, Any]]] = []
+        grads, indices, fresh = [], [], []
+        layouts = self._layouts
         for group_index, (hyper, items) in enumerate(zip(hypers, work)):
-            effective = []
+            effective, states = [], []
             options = self._layout_options(hyper)
+            chosen_dtype, orthograd, maximize = hyper.get("state_dtype"), hyper["orthograd"], hyper["maximize"]
             for item in items:
-                if self._layouts.get(item.param) is not None:
+                param = item.param
+                state = self.state.get(param)
+                if not state:
+                    fresh.append((group_index, item))
+                if param in layouts:
                     self._check_layout(
-                        options, item.param,
+                        options, param,
                         lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
                     )
-                grad = gradient_check.effective_gradient(
-                    item.tensor, item.grad, state_dtype(item.param, hyper),
-                    orthograd=hyper["orthograd"], maximize=hyper["maximize"],
-                )
+                dtype = chosen_dtype or (torch.float64 if param.dtype == torch.float64 else torch.float32)
+                grad = item.grad
+                if grad.dtype != dtype or orthograd or maximize:
+                    grad = gradient_check.effective_gradient(item.tensor, grad, dtype, orthograd=orthograd, maximize=maximize)
                 effective.append(grad)
-                if grad.numel() and item.counted:
+                states.append(state)
+                if item.counted and grad.numel():
                     grads.append(grad)
                     indices.append(item.global_index)
             grads_per_group.append(effective)
+            states_per_group.append(states)
+        if fresh:
+            self._check_new_state_fits(hypers, fresh)
         screen = self._gradients_are_fine(grads, indices, hypers)
         if screen is None:
             return None
+        # whose layout the step records: after a membership change every parameter's, as it may have
+        # gained state outside a step; otherwise only those of the states this step builds
+        self._record_layouts = None if changed else [(item.param, hypers[gi]) for gi, item in fresh]
         return screen, [
-            (hyper, [Slot(item.tensor, grad, self.state[item.param], item.param.shape) for item, grad in zip(items, effective)])
-            for hyper, items, effective in zip(hypers, work, grads_per_group)
+            (hyper, [
+                Slot(item.tensor, grad, self.state[item.param] if state is None else state, item.param.shape)
+                for item, grad, state in zip(items, effective, states)
+            ])
+            for hyper, items, effective, states in zip(hypers, work, grads_per_group, states_per_group)
         ]
 
-    def _check_new_state_fits(self, hypers: Sequence[Dict[str, Any]]) -> None:
+    def _check_new_state_fits(self, hypers: Sequence[Dict[str, Any]], fresh: Sequence[Tuple[int, Any]]) -> None:
         """MemoryError, before anything is allocated, when the state this step would create cannot fit.
 
         SOAP's and Shampoo's first step allocates a d x d factor and basis per preconditioned axis: a
         (100000, 2) parameter with ``max_precond_dim=100000`` asks for 80 GB, which on the CPU may be
         granted lazily and end in the process being killed mid-step. The estimate is the state's own
-        bytes (``_expected_state_shapes``), per device; one process only (a rank keeps only its share)."""
+        bytes (``_expected_state_shapes``), per device; one process only (a rank keeps only its share).
+        ``fresh``: (group index, work item) of every parameter about to get its state."""
         if self._distribution.mode != "single":
             return
         need: Dict[torch.device, int] = defaultdict(int)
         largest: Dict[torch.device, Tuple[int, str]] = {}
-        for group_index, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
-            for param_index, param in enumerate(group["params"]):
-                if param.grad is None or self.state.get(param):
-                    continue
-                dtype = state_dtype(param, hyper)
-                size = _numel_of(list(self._expected_state_shapes(param, hyper).values())) * dtype.itemsize
-                need[param.device] += size
-                if size > largest.get(param.device, (0, ""))[0]:
-                    largest[param.device] = (size, describe(group_index, param_index, param.shape))
+        for group_index, item in fresh:
+            param, hyper = item.param, hypers[group_index]
+            dtype = state_dtype(param, hyper)
+            size = _numel_of(list(self._expected_state_shapes(param, hyper).values())) * dtype.itemsize
+            need[param.device] += size
+            if size > largest.get(param.device, (0, ""))[0]:
+                largest[param.device] = (size, describe(group_index, item.param_index, param.shape))
         for device, size in need.items():
             free = available_bytes(device) if size > 2**26 else None  # below 64 MB: not worth a look
             if free is not None and size > free:
@@ -467,6 +511,25 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     f"available. Lower max_precond_dim (axes longer than it get no d x d factor), or use "
                     f"one_sided=True / factorized=True (SOAP); nothing was modified"
                 )
+
+    def _limits_per_index(self, hypers) -> Tuple[List[float], float]:
+        """``_max_grad_norm`` of every parameter (by global index) and the smallest of them; kept while the
+        groups' membership (see ``_membership``) and layout options stay the same."""
+        layouts = tuple(self._layout_options(hyper) for hyper in hypers)  # the limits depend on the plan
+        cached = getattr(self, "_limits_by_index", None)
+        if cached is not None and cached[0] == layouts:
+            return cached[1], cached[2]
+        limits = []
+        for hyper, group, layout in zip(hypers, self.param_groups, layouts):
+            for param in group["params"]:
+                key = (tuple(param.shape), state_dtype(param, hyper), layout)
+                limit = self._limits.get(key)
+                if limit is None:
+                    limit = self._limits[key] = self._max_grad_norm(param.shape, hyper, key[1])
+                limits.append(limit)
+        smallest = min(limits, default=math.inf)
+        self._limits_by_index = (layouts, limits, smallest)
+        return limits, smallest
 
     def _check_can_step(self, hyper: Dict[str, Any], params: Sequence[torch.Tensor]) -> None:
         """What the group's options need from its tensors: ``fused=True`` needs the kernels to run."""
@@ -491,10 +554,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             norms = norms.cpu()  # the one host read
             if fallbacks is not None:
                 report_fallbacks(norms[len(grads) :].tolist())
-            entries = list(squares.unbind())
-            for index, square in zip(indices, norms[: len(grads)].unbind()):
-                entries[index] = square
-            squares = torch.stack(entries)
+            squares = squares.index_copy(0, torch.tensor(indices), norms[: len(grads)])
         values = self._distribution.all_reduce_sum(squares).tolist()
         flagged = [index for index, value in enumerate(values) if not math.isfinite(value)]
         bad: Dict[int, bool] = {}
@@ -519,18 +579,12 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         # per-parameter limits of the math (e.g. SOAP's rotation) depend on shapes and options alone, so
         # every rank judges every parameter from the summed norms, with no second collective
         too_large = [False] * count
-        for group_index, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
-            base = self._distribution.first_index(self.param_groups, group_index)
-            layout = self._layout_options(hyper)  # the limits depend on the plan, hence on these
-            for param_index, param in enumerate(group["params"]):
-                index = base + param_index
+        limits, smallest = self._limits_per_index(hypers)
+        if math.sqrt(largest_square) > smallest:  # else no finite norm is near any limit
+            for index, param in enumerate(p for group in self.param_groups for p in group["params"]):
                 if param.grad is None or bad.get(index, False) or values[index] == 0.0:
                     continue
-                key = (tuple(param.shape), state_dtype(param, hyper), layout)
-                limit = self._limits.get(key)
-                if limit is None:
-                    limit = self._limits[key] = self._max_grad_norm(param.shape, hyper, key[1])
-                too_large[index] = limit < math.inf and math.sqrt(values[index]) > limit
+                too_large[index] = limits[index] < math.inf and math.sqrt(values[index]) > limits[index]
         problems = [i for i in range(count) if bad.get(i, False) or too_large[i]]
         if not problems:
             return screen
@@ -591,10 +645,12 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         self._basis_fallbacks.merge(fallbacks)
         self._release_idle_buffers(work)
         self._distribution.scatter(self)
-        for hyper, group in zip((h for h, _ in work), self.param_groups):
-            for param in group["params"]:
-                if param not in self._layouts and self.state.get(param):
-                    self._layouts[param] = self._layout_key(hyper, param)
+        record = self._record_layouts
+        if record is None:
+            record = [(param, hyper) for (hyper, _), group in zip(work, self.param_groups) for param in group["params"]]
+        for param, hyper in record:
+            if param not in self._layouts and self.state.get(param):
+                self._layouts[param] = self._layout_key(hyper, param)
         return loss
 
     def _step_group(self, hyper: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
