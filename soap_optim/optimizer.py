@@ -441,6 +441,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         states_per_group: List[List[Dict[str, Any]]] = []
         grads, indices, fresh = [], [], []
         layouts = self._layouts
+        # the layout records were all checked against these options last time, and none changed since
+        layout_check = (membership, tuple(self._layout_options(h) for h in hypers), id(layouts), len(layouts))
+        if layout_check == self.__dict__.get("_layouts_checked"):
+            layouts = {}
         for group_index, (hyper, items) in enumerate(zip(hypers, work)):
             effective, states = [], []
             options = self._layout_options(hyper)
@@ -466,6 +470,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     indices.append(item.global_index)
             grads_per_group.append(effective)
             states_per_group.append(states)
+        self._layouts_checked = layout_check
         if fresh:
             self._check_new_state_fits(hypers, fresh)
         screen = self._gradients_are_fine(grads, indices, hypers)

@@ -502,8 +502,7 @@ def soap_bucket_update_(
     )
     factor_grads = without_overflowing_grams(grads, batch_dims=1) if guard else grads
     _bucket_factor_ema_(stacked_factors, factor_grads, shampoo_beta, ops)
-    for index, item in enumerate(items):
-        item.param.copy_(item.plan.from_merged(params[index]))
+    _copy_back_([item.param for item in items], [item.plan.from_merged(row) for item, row in zip(items, params.unbind())])
 
     frequency = group["precondition_frequency"]
     due = [t % frequency == 0 for t in steps]
@@ -597,7 +596,12 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops) -> 
     params = [item.param for item in items]
     flat_params = torch.cat([p.reshape(-1) for p in params])
     ops.adam_(flat_params, torch.cat([item.grad.reshape(-1) for item in items]), exp_avg, exp_avg_sq, **kwargs)
-    rows = [row.view_as(p) for row, p in zip(flat_params.split([p.numel() for p in params]), params)]
+    _copy_back_(params, [row.view_as(p) for row, p in zip(flat_params.split([p.numel() for p in params]), params)])
+
+
+def _copy_back_(params: List[torch.Tensor], rows: List[torch.Tensor]) -> None:
+    """``param <- row`` for every pair, in one call (the parameters never share storage here: see
+    ``_sequential_if_shared``)."""
     if hasattr(torch, "_foreach_copy_"):
         torch._foreach_copy_(params, rows)
     else:  # older torch
