@@ -454,7 +454,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 state = self.state.get(param)
                 if not state:
                     fresh.append((group_index, item))
-                if param in layouts:
+                if layouts and param in layouts:
                     self._check_layout(
                         options, param,
                         lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
@@ -590,7 +590,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 if param.grad is None or bad.get(index, False) or values[index] == 0.0:
                     continue
                 too_large[index] = limits[index] < math.inf and math.sqrt(values[index]) > limits[index]
-        problems = [i for i in range(count) if bad.get(i, False) or too_large[i]]
+        problems = sorted({i for i, b in bad.items() if b} | {i for i, t in enumerate(too_large) if t})
         if not problems:
             return screen
         first = problems[0]
