@@ -184,3 +184,46 @@ def test_report_refresh_and_first_steps(count_host_reads, capsys):
         per_step = _run(name, count_host_reads)
         print(f"{name}: host reads per step {[len(r) for r in per_step]}")
         assert all(len(r) >= 1 for r in per_step)  # the gradient screen reads every step
+
+
+def test_a_basis_fallback_is_reported_with_the_next_steps_read(count_host_reads, monkeypatch):
+    """A QR that comes back non-finite keeps the previous bases, decided on the device: the refresh step
+    still reads once, the next step's single read brings the count back and warns; a fallback on the
+    last step is reported by state_dict()."""
+    import warnings
+
+    from soap_optim.eigenbasis import bases as bases_module
+
+    real_geqrf = torch.geqrf
+
+    def nan_geqrf(matrix, *args, **kwargs):
+        reflectors, tau = real_geqrf(matrix, *args, **kwargs)
+        return torch.full_like(reflectors, float("nan")), tau
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = SOAP(params, precondition_frequency=3)
+    monkeypatch.setattr(bases_module, "_warned", set())
+    monkeypatch.setattr(torch, "geqrf", nan_geqrf)
+    reads, messages = [], []
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        counter = count_host_reads(opt)
+        with warnings.catch_warnings(record=True) as caught, counter:
+            warnings.simplefilter("always")
+            opt.step()
+        reads.append(len(counter.reads))
+        messages.append([str(w.message) for w in caught])
+    assert reads == [1] * 5
+    assert messages[:4] == [[], [], [], []]  # the 4th call refreshes: nothing read yet
+    assert messages[4] == ["soap_optim: QR refresh failed; keeping the previous basis"]
+    assert all(torch.isfinite(b).all() for p in params for b in opt.state[p]["bases"] if b is not None)
+
+    monkeypatch.setattr(bases_module, "_warned", set())
+    for _ in range(2):  # the 7th call refreshes (and fails) last
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    with pytest.warns(RuntimeWarning, match="QR refresh failed"):
+        opt.state_dict()
