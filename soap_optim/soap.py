@@ -136,7 +136,8 @@ class SOAP(SoapOptimizerBase):
             off-diagonal Frobenius mass above the tolerance (read from the power step :math:`F Q`
             at no extra product); elsewhere the basis, the moments' order and :math:`m` stay as they
             are and the QR is skipped. Makes a frequent ``precondition_frequency`` cheap once the
-            bases settle.
+            bases settle. Deciding which QRs to skip reads the device (one host sync per bucket and
+            preconditioned axis on refresh steps); with ``0`` a refresh reads nothing.
         rotate_second_moment: on a refresh, carry :math:`v` to the new basis as a diagonal,
             :math:`v \leftarrow v \times_k (Q_k^{\text{old}\top} Q_k^{\text{new}})^{\circ 2}`
             (HeavyBall's "variance rotation"), instead of only permuting it as the reference does.

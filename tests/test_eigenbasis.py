@@ -310,3 +310,29 @@ def test_second_moment_carried_through_a_pure_reordering_is_the_permutation():
     v = torch.rand(6, 4, generator=torch.Generator().manual_seed(1))
     got = rotated_second_moment(v, [basis, None], [basis[:, order], None])
     torch.testing.assert_close(got, v[order], rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_factor_in_a_stack_keeps_only_its_own_basis_and_moment(monkeypatch):
+    """Per matrix, on the device: the bad factor's tensor keeps its basis (identity order) and its first
+    moment bit for bit; the others refresh exactly as they would alone."""
+    gen = torch.Generator().manual_seed(4)
+    grams = torch.randn(3, 5, 5, generator=gen)
+    factors = grams @ grams.mT
+    factors[1, 2, 3] = float("nan")
+    bases = torch.linalg.qr(torch.randn(3, 5, 5, generator=gen))[0]
+    exp_avg = torch.randn(3, 5, 4, generator=gen)
+    before_bases, before_avg = bases.clone(), exp_avg.clone()
+    stack = [bases.clone(), None]
+    monkeypatch.setattr(bases_module, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        orders = refresh_bases_([factors, None], stack, exp_avg, batch_dims=1)
+    assert torch.equal(stack[0][1], before_bases[1]) and torch.equal(orders[0][1], torch.arange(5))
+    assert torch.equal(exp_avg[1], before_avg[1])
+    for i in (0, 2):
+        alone_bases, alone_avg = [before_bases[i : i + 1].clone(), None], before_avg[i : i + 1].clone()
+        alone_orders = refresh_bases_([factors[i : i + 1].clone(), None], alone_bases, alone_avg, batch_dims=1)
+        assert torch.equal(stack[0][i], alone_bases[0][0]) and torch.equal(exp_avg[i], alone_avg[0])
+        assert torch.equal(orders[0][i], alone_orders[0][0])
+    assert all(torch.isfinite(t).all() for t in (stack[0], exp_avg))
+    assert any("not finite; keeping the previous basis" in str(w.message) for w in caught)  # read at once outside a step
