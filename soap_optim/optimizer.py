@@ -65,6 +65,8 @@ class Screen(NamedTuple):
 
     largest_norm: float  # the largest gradient Frobenius norm (over ranks)
     grams_may_overflow: bool  # some gradient is large enough for its Gram matrices to overflow float32
+    # skip_nonfinite_grads="on_device": whether the gradients pass the check, a 0-d bool on the device
+    passed: Optional[torch.Tensor] = None
 
 
 class Slot(NamedTuple):
@@ -330,7 +332,8 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         hyper = {key: as_number(value) for key, value in group.items() if key != "params"}
         check_bool("maximize", hyper["maximize"])
         check_bool("orthograd", hyper["orthograd"])
-        check_bool("skip_nonfinite_grads", hyper["skip_nonfinite_grads"])
+        if hyper["skip_nonfinite_grads"] != "on_device":
+            check_bool("skip_nonfinite_grads", hyper["skip_nonfinite_grads"])
         check_bool("rollback_on_error", hyper["rollback_on_error"])
         check_choice("state_dtype", hyper["state_dtype"], STATE_DTYPES)
         self._validate_group(hyper)
@@ -473,7 +476,14 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         self._layouts_checked = layout_check
         if fresh:
             self._check_new_state_fits(hypers, fresh)
-        screen = self._gradients_are_fine(grads, indices, hypers)
+        if hypers and all(hyper["skip_nonfinite_grads"] == "on_device" for hyper in hypers):
+            screen = self._gradients_checked_on_device(grads, indices, hypers)
+            if screen.passed is not None:  # a failed check steps with zeros, then puts everything back
+                grads_per_group = [
+                    [torch.where(screen.passed, grad, 0.0) for grad in effective] for effective in grads_per_group
+                ]
+        else:
+            screen = self._gradients_are_fine(grads, indices, hypers)
         if screen is None:
             return None
         # whose layout the step records: after a membership change every parameter's, as it may have
@@ -535,6 +545,73 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         smallest = min(limits, default=math.inf)
         self._limits_by_index = (layouts, limits, smallest)
         return limits, smallest
+
+    def _gradients_checked_on_device(self, grads, indices, hypers) -> Screen:
+        """``skip_nonfinite_grads="on_device"``: the check of :meth:`_gradients_are_fine` decided on the
+        device, with no host read. ``Screen.passed`` is a 0-d bool: every gradient finite and within its
+        limit (``_max_grad_norm``). The step then runs on the gradients where passed, zeros elsewhere, and
+        ``step`` puts parameters and state back where not passed (see :meth:`_keep_where_passed`); the
+        count of such steps stays on the device until read (:meth:`read_device_counters`). A finite
+        gradient whose float32 norm overflows counts as not passed (the host check would look closer).
+        The overflow guards of the math stay on (they need the norms on the host to be skipped)."""
+        if self._distribution.mode != "single":
+            raise ValueError(
+                f'{type(self).__name__}: skip_nonfinite_grads="on_device" runs on one process only (the '
+                f"distributed check sums the norms over ranks on the host); use True or False"
+            )
+        if not grads:
+            return Screen(math.inf, True)
+        norms = gradient_check.squared_norms(grads).sqrt()
+        limits, _ = self._limits_per_index(hypers)
+        cached = getattr(self, "_device_limits", None)
+        key = (tuple(indices), id(limits), norms.device)
+        if cached is None or cached[0] != key:  # a host-to-device copy when the membership changes only
+            cached = self._device_limits = (key, torch.tensor([limits[i] for i in indices], dtype=torch.float64).to(norms.device))
+        passed = torch.isfinite(norms).all() & (norms <= cached[1]).all()
+        skipped = self.__dict__.setdefault("_skipped_on_device", {})
+        previous = skipped.get(norms.device)
+        failed = (~passed).to(torch.float64)
+        skipped[norms.device] = failed if previous is None else previous + failed
+        return Screen(math.inf, True, passed)
+
+    def _keep_where_passed(self, passed: torch.Tensor, saved) -> None:
+        """After a step under ``skip_nonfinite_grads="on_device"``: every parameter and state tensor that
+        existed before it (``saved``: pairs of the live container and its copy) takes its copy's value where
+        the check failed, by ``torch.where`` (no host read). The host ``step`` counters have advanced
+        either way: a skipped step still counts for bias correction and refresh schedules."""
+        live, copies = [], []
+        for current, copy in saved:
+            if isinstance(current, torch.Tensor):
+                live.append(current)
+                copies.append(copy)
+                continue
+            for key, value in copy.items():
+                if key == "step" or key not in current:
+                    continue
+                now = current[key]
+                pairs = zip(now, value) if isinstance(value, list) else [(now, value)]
+                for tensor, old in pairs:
+                    if isinstance(tensor, torch.Tensor) and isinstance(old, torch.Tensor):
+                        live.append(tensor)
+                        copies.append(old)
+        for tensor, old in zip(live, copies):
+            tensor.copy_(torch.where(passed, tensor, old))
+
+    def read_device_counters(self) -> None:
+        """Read what is counted on the device: warn about eigenbasis fallbacks (a non-finite factor or
+        decomposition kept the previous or identity basis) and add the steps skipped on the device
+        (``skip_nonfinite_grads="on_device"``) to each param group's ``skipped_steps``. A host read when
+        anything was counted; every step reads the fallbacks with its gradient check anyway (not under
+        "on_device"), and ``state_dict()`` calls this."""
+        pending = self._basis_fallbacks.take(torch.device("cpu"))
+        if pending is not None:
+            report_fallbacks(pending.tolist())
+        skipped = self.__dict__.get("_skipped_on_device")
+        if skipped:
+            count = int(sum(float(value) for value in skipped.values()))
+            self._skipped_on_device = {}
+            for group in self.param_groups:
+                group["skipped_steps"] = group.get("skipped_steps", 0) + count
 
     def _check_can_step(self, hyper: Dict[str, Any], params: Sequence[torch.Tensor]) -> None:
         """What the group's options need from its tensors: ``fused=True`` needs the kernels to run."""
@@ -633,6 +710,12 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if prepared is None:
             return loss
         screen, work = prepared
+        saved = None
+        if screen.passed is not None:  # skip_nonfinite_grads="on_device": copies to put back if the check failed
+            slots = [slot for _, group_slots in work for slot in group_slots]
+            states = [slot.state for slot in slots if slot.state]
+            state_copies, param_copies = _copy_all(states, [slot.param for slot in slots])
+            saved = list(zip([slot.param for slot in slots], param_copies)) + list(zip(states, state_copies))
         rollback = _Rollback(work, [
             hyper["rollback_on_error"] and not self._math_allocates_first(hyper, slots) for hyper, slots in work
         ])
@@ -648,6 +731,8 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             raise
         del rollback
         self._basis_fallbacks.merge(fallbacks)
+        if saved is not None:
+            self._keep_where_passed(screen.passed, saved)
         self._release_idle_buffers(work)
         self._distribution.scatter(self)
         record = self._record_layouts
@@ -696,14 +781,6 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             stacked_state(states, key, index)
 
     # ----------------------------------------------------------------- state_dict
-    def report_basis_fallbacks(self) -> None:
-        """Warn now about eigenbasis fallbacks (a non-finite factor or decomposition kept the previous or
-        identity basis) counted on the device since the last report; a host read when any were counted.
-        Each step does this with its gradient-norm read and ``state_dict()`` calls it."""
-        pending = self._basis_fallbacks.take(torch.device("cpu"))
-        if pending is not None:
-            report_fallbacks(pending.tolist())
-
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         """For each state key: the expected shape, or a list of shapes / None for list entries."""
         raise NotImplementedError
@@ -713,7 +790,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         complete state as DTensors when ``torch.distributed.checkpoint``'s state-dict API asks (every rank
         calls it); under FSDP2 otherwise this rank's marked share; under DDP with ``process_group=`` the
         result of this rank's last ``consolidate_state_dict``, and a RuntimeError without one."""
-        self.report_basis_fallbacks()
+        self.read_device_counters()
         state_dict = super().state_dict()
         distribution = self._distribution
         distribution.plan(self, self.param_groups, [self._check_group(g) for g in self.param_groups])

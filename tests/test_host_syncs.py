@@ -227,3 +227,85 @@ def test_a_basis_fallback_is_reported_with_the_next_steps_read(count_host_reads,
         opt.step()
     with pytest.warns(RuntimeWarning, match="QR refresh failed"):
         opt.state_dict()
+
+
+# ----------------------------------------------------------------------------- skip_nonfinite_grads="on_device"
+ON_DEVICE = ["SOAP", "SOAP-one-parameter", "Shampoo", "AdamW", "Adam-single-tensor", "Adafactor"]
+
+
+def _state_values(opt, params):
+    """Parameters and every state tensor but the host step counters, as clones."""
+    values = [p.detach().clone() for p in params]
+    for p in params:
+        for key, value in opt.state[p].items():
+            if key != "step":
+                values += [t.clone() for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+    return values
+
+
+@pytest.mark.parametrize("name", ON_DEVICE)
+def test_on_device_check_reads_nothing(name, count_host_reads):
+    """The opt-out of the host check: first, plain and refresh steps read no device data."""
+    cls, options = OPTIMIZERS[name]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = cls(params, **options, skip_nonfinite_grads="on_device")
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        counter = count_host_reads(opt)
+        with counter:
+            opt.step()
+        assert counter.reads == []
+
+
+@pytest.mark.parametrize("name", ON_DEVICE)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_on_device_skip_changes_nothing_but_the_step_counters(name, bad):
+    """A NaN/Inf or too large gradient (1e30: above every limit but Adafactor's, whose float32 norm then
+    overflows) on a plain step and on a refresh step (the 4th call): parameters and state come back bit
+    for bit, nothing is non-finite, and the steps are counted once read."""
+    cls, options = OPTIMIZERS[name]
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = cls(params, **options, skip_nonfinite_grads="on_device")
+    skipped = 0
+    for call in range(7):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        failing = call in (2, 3)
+        if failing:
+            params[call % len(params)].grad.view(-1)[0] = bad
+            before = _state_values(opt, params)
+        opt.step()
+        if failing:
+            skipped += 1
+            after = _state_values(opt, params)
+            assert all(torch.equal(a, b) for a, b in zip(after, before)), call
+        assert all(torch.isfinite(t).all() for t in _state_values(opt, params))
+    assert opt.param_groups[0]["skipped_steps"] == 0  # still on the device
+    opt.read_device_counters()
+    assert opt.param_groups[0]["skipped_steps"] == skipped
+    opt.read_device_counters()  # read once: nothing counted twice
+    assert opt.param_groups[0]["skipped_steps"] == skipped
+
+
+def test_on_device_soap_with_finite_gradients_is_the_default_run_bit_for_bit():
+    """Where every gradient passes, the selection keeps the step's values: SOAP's trajectory is the
+    default one (its overflow guard returns ordinary gradients bit for bit)."""
+    runs = []
+    for skip in (False, "on_device"):
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+        opt = SOAP(params, precondition_frequency=3, skip_nonfinite_grads=skip)
+        for _ in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append(_state_values(opt, params))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_on_device_is_refused_with_a_clear_error_for_a_bad_value():
+    with pytest.raises(ValueError, match="skip_nonfinite_grads"):
+        AdamW([torch.nn.Parameter(torch.zeros(2))], skip_nonfinite_grads="sometimes")
