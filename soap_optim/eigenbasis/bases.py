@@ -40,8 +40,9 @@ FALLBACK_MESSAGES = (
     "soap_optim: eigh returned non-finite eigenvectors; using the identity basis",
     "soap_optim: a Kronecker factor is not finite; keeping the previous basis",
     "soap_optim: QR refresh failed; keeping the previous basis",
+    "soap_optim.Shampoo: a Kronecker factor is not finite; keeping the previous root",
 )
-_FIRST_FACTOR, _FIRST_EIGH, _REFRESH_FACTOR, _REFRESH_QR = range(len(FALLBACK_MESSAGES))
+_FIRST_FACTOR, _FIRST_EIGH, _REFRESH_FACTOR, _REFRESH_QR, ROOT_FACTOR = range(len(FALLBACK_MESSAGES))
 
 
 def _warn_once(message: str) -> None:
@@ -97,7 +98,9 @@ def counting_fallbacks(counts: FallbackCounts) -> Iterator[FallbackCounts]:
         _counting.pop()
 
 
-def _note(kind: int, kept: torch.Tensor) -> None:
+def note_fallback(kind: int, kept: torch.Tensor) -> None:
+    """Record the fallbacks of ``kind`` where ``kept`` (a bool tensor): counted on the device inside an
+    optimizer step, read and warned at once outside one."""
     if _counting:
         _counting[-1].add(kind, kept)
     elif bool(kept.any()):  # outside an optimizer step: read it now
@@ -166,8 +169,8 @@ def initial_basis(factor: torch.Tensor) -> torch.Tensor:
         _warn_once("soap_optim: eigh failed even in float64; using the identity basis")
         return identity
     found = finite_matrices(vectors)
-    _note(_FIRST_FACTOR, ~finite)
-    _note(_FIRST_EIGH, finite & ~found)
+    note_fallback(_FIRST_FACTOR, ~finite)
+    note_fallback(_FIRST_EIGH, finite & ~found)
     # row-major like every later basis (eigh's vectors are column-major): a basis kept by a refresh's
     # fallback then keeps its layout too, and with it the rounding of the products it enters
     return torch.where(finite & found, vectors.flip(1), identity).contiguous()
@@ -227,7 +230,7 @@ def refreshed_basis_if_any(
     host sync): that read is what lets settled matrices skip their QR, the refresh's largest cost.
     """
     finite = finite_matrices(factor)
-    _note(_REFRESH_FACTOR, ~finite)
+    note_fallback(_REFRESH_FACTOR, ~finite)
     factor = _where_matrices(finite, factor, 0.0)  # nothing non-finite reaches the products or QR
     # One product serves both the eigenvalue estimates diag(O^T F O) and the power iteration F O.
     factor_basis = factor @ basis
@@ -249,7 +252,7 @@ def refreshed_basis_if_any(
         kept[raised] = True
         finite = finite & ~kept.reshape(finite.shape).to(finite.device)
     found = finite_matrices(new_basis)
-    _note(_REFRESH_QR, finite & ~found)
+    note_fallback(_REFRESH_QR, finite & ~found)
     refreshed = finite & found
     if wanted is not None:
         refreshed = refreshed & drifted
