@@ -577,8 +577,9 @@ class SoapOptimizerBase(torch.optim.Optimizer):
     def _keep_where_passed(self, passed: torch.Tensor, saved) -> None:
         """After a step under ``skip_nonfinite_grads="on_device"``: every parameter and state tensor that
         existed before it (``saved``: pairs of the live container and its copy) takes its copy's value where
-        the check failed, by ``torch.where`` (no host read). The host ``step`` counters have advanced
-        either way: a skipped step still counts for bias correction and refresh schedules."""
+        the check failed, by ``torch.where`` (no host read). A state this step created stays (built from
+        zero gradients), and the host ``step`` counters have advanced either way: a skipped step still
+        counts for bias correction and refresh schedules."""
         live, copies = [], []
         for current, copy in saved:
             if isinstance(current, torch.Tensor):
