@@ -63,6 +63,7 @@ class Adafactor(SoapOptimizerBase):
         skip_nonfinite_grads: a step whose gradients (in the state's dtype) are not finite is skipped
             instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
             counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
+            ``"on_device"``: the same decided on the device, with no host read (see the README).
         process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
             steps, a cost-balanced share of the parameters, and one all-to-all per step brings every
             replica the new values. FSDP2 / HSDP / tensor-parallel (DTensor) parameters need no keyword.

@@ -35,6 +35,7 @@ def _single_tensor_adam_(
     amsgrad: bool,
     maximize: bool,
     guard_overflow: bool = False,
+    cap_second_moment: bool = True,
 ) -> None:
     """The readable reference: one parameter at a time, torch.optim's single-tensor Adam op for op (its bits).
 
@@ -60,7 +61,9 @@ def _single_tensor_adam_(
             first_moment_ema_(exp_avg, grad, beta1)
         else:
             exp_avg.lerp_(grad, 1 - beta1)  # torch's bits
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).clamp_(max=torch.finfo(exp_avg_sq.dtype).max)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if cap_second_moment:
+            exp_avg_sq.clamp_(max=torch.finfo(exp_avg_sq.dtype).max)
         second = exp_avg_sq
         if amsgrad:
             torch.maximum(max_exp_avg_sqs[index], exp_avg_sq, out=max_exp_avg_sqs[index])
@@ -91,6 +94,7 @@ def _foreach_adam_(
     amsgrad: bool,
     maximize: bool,
     guard_overflow: bool = False,
+    cap_second_moment: bool = True,
 ) -> None:
     """Batched over tensors that share a device and state dtype; allocate first, modify last (as
     :func:`_single_tensor_adam_`): every bucket's temporaries exist before the first tensor is modified."""
@@ -101,28 +105,31 @@ def _foreach_adam_(
     for (_, dtype), indices in buckets.items():
         # Low-precision parameters are updated through a copy in the state's dtype.
         work = [params[i] if params[i].dtype == dtype else params[i].to(dtype) for i in indices]
-        g = [grads[i].to(dtype) for i in indices]
+        g = [grads[i] if grads[i].dtype == dtype else grads[i].to(dtype) for i in indices]
         if maximize:
             g = torch._foreach_neg(g)
         if weight_decay != 0 and not decoupled_weight_decay:
             g = torch._foreach_add(g, work, alpha=weight_decay)
-        prepared.append((dtype, indices, work, g, [torch.empty_like(exp_avg_sqs[i]) for i in indices]))
-    for dtype, indices, work, g, denom in prepared:
+        # the counts this step takes, read in one conversion (host counters) before anything is modified
+        ts = [t + 1 for t in torch.stack([steps[i] for i in indices]).tolist()]
+        # the denominators' memory, in one call (its values are overwritten below)
+        prepared.append((dtype, indices, work, g, torch._foreach_neg([exp_avg_sqs[i] for i in indices]), ts))
+    for dtype, indices, work, g, denom, ts in prepared:
         m = [exp_avgs[i] for i in indices]
         v = [exp_avg_sqs[i] for i in indices]
         s = [steps[i] for i in indices]
         if weight_decay != 0 and decoupled_weight_decay:
             torch._foreach_mul_(work, 1 - lr * weight_decay)
         torch._foreach_add_(s, 1)
-        ts = [step.item() for step in s]
         if guard_overflow:
             foreach_first_moment_ema_(m, g, beta1)
         else:
             torch._foreach_lerp_(m, g, 1 - beta1)  # torch's bits
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-        # a square that overflowed is capped at the dtype's max: the coordinate keeps moving, never inf
-        torch._foreach_clamp_max_(v, torch.finfo(dtype).max)
+        if cap_second_moment:
+            # a square that overflowed is capped at the dtype's max: the coordinate keeps moving, never inf
+            torch._foreach_clamp_max_(v, torch.finfo(dtype).max)
         if amsgrad:
             v_max = [max_exp_avg_sqs[i] for i in indices]
             torch._foreach_maximum_(v_max, v)
@@ -155,13 +162,14 @@ def _kernel_adam_(
     amsgrad: bool,
     maximize: bool,
     guard_overflow: bool = False,
+    cap_second_moment: bool = True,
 ) -> None:
     """Through the fused elementwise kernel (``soap_optim.kernels``' ``adam_``), one call per step count.
 
     torch's conventions map onto the kernel's: denom_scale = 1/sqrt(bc2), step_size = lr/bc1, and
     decoupled decay applied first. An L2 term and maximize are folded into the gradient beforehand.
     """
-    del guard_overflow  # the kernel's multiply-add EMA is always overflow-safe
+    del guard_overflow, cap_second_moment  # the kernel's multiply-add EMA is always overflow-safe, v capped
     if amsgrad:
         raise ValueError("amsgrad is not supported by the fused Adam kernel; use fused=False")
     by_step: Dict[int, List[int]] = {}
@@ -203,7 +211,7 @@ def adam_(
     ``fused`` picks the elementwise kernel (see ``soap_optim.dispatch``; amsgrad never takes it by
     default); otherwise ``foreach=False`` runs the single-tensor reference and ``None``/``True`` the
     batched ``torch._foreach_*`` path. ``hyper``: lr, beta1, beta2, eps, weight_decay,
-    decoupled_weight_decay, amsgrad, maximize, guard_overflow.
+    decoupled_weight_decay, amsgrad, maximize, guard_overflow, cap_second_moment.
 
     The first moment is torch's ``lerp_`` (torch.optim.Adam's bits), which overflows for an entry of
     the gradient and one of the moment of opposite signs whose magnitudes sum past the dtype's max
@@ -211,6 +219,11 @@ def adam_(
     hence a gradient the base's check flags as huge: ``guard_overflow=True`` (set it for those steps)
     takes the multiply-add EMA, which stays finite (``moment_math.first_moment_ema_``). The fused
     kernel always computes the multiply-add.
+
+    ``cap_second_moment`` (default True) caps v at the dtype's max, where a square overflowed. With every
+    gradient norm at most sqrt(max)/2 (the base's limit) each g_i^2 <= max/4, so from any finite v <= max,
+    beta2 v + (1 - beta2) g_i^2 < max: the cap cannot bind, and the optimizer skips it (one pass over
+    every tensor less) for such steps; the bits are the same.
     """
     if not params:
         return
@@ -221,6 +234,10 @@ def adam_(
         return
     impl = _single_tensor_adam_ if foreach is False else _foreach_adam_
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hyper)
+
+
+# Below this gradient norm no square overflows the second moment, float32 or float64 (see adam_)
+_SQUARE_SAFE_NORM = math.sqrt(torch.finfo(torch.float32).max) / 2
 
 
 class Adam(SoapOptimizerBase):
@@ -263,6 +280,7 @@ class Adam(SoapOptimizerBase):
         skip_nonfinite_grads: a step whose gradients (in the state's dtype) are not finite is skipped
             instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
             counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
+            ``"on_device"``: the same decided on the device, with no host read (see the README).
         process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
             steps, a cost-balanced share of the parameters, and one all-to-all per step brings every
             replica the new values. FSDP2 / HSDP / tensor-parallel (DTensor) parameters need no keyword.
@@ -374,6 +392,7 @@ class Adam(SoapOptimizerBase):
             maximize=False,  # the base's effective gradient is already sign-flipped
             # torch's lerp_ EMA overflows only for entries above max/2, and no entry exceeds the norm
             guard_overflow=screen.largest_norm > torch.finfo(torch.float32).max / 2,
+            cap_second_moment=screen.largest_norm > _SQUARE_SAFE_NORM,
         )
 
 

@@ -35,6 +35,7 @@ import torch
 from . import gradient_check
 from .buckets import stacked_state
 from .dispatch import fused_problem
+from .eigenbasis.bases import FallbackCounts, counting_fallbacks, report_fallbacks
 from .distributed import Distribution, make_distribution
 from .distributed import checkpoint as distributed_checkpoint
 from .state_tree import map_tensors
@@ -65,6 +66,8 @@ class Screen(NamedTuple):
 
     largest_norm: float  # the largest gradient Frobenius norm (over ranks)
     grams_may_overflow: bool  # some gradient is large enough for its Gram matrices to overflow float32
+    # skip_nonfinite_grads="on_device": whether the gradients pass the check, a 0-d bool on the device
+    passed: Optional[torch.Tensor] = None
 
 
 class Slot(NamedTuple):
@@ -253,6 +256,8 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         self._warned_skip = False
         self._layouts: Dict[torch.Tensor, Tuple[str, ...]] = {}  # per parameter with state: _layout_key
         self._limits: Dict[Tuple, float] = {}  # _max_grad_norm by (shape, state dtype, layout options)
+        # the eigenbasis core's device-side fallbacks, read with the next step's gradient norms (see bases.py)
+        self._basis_fallbacks = FallbackCounts()
         super().__init__(params, defaults)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -267,6 +272,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if "_layouts" not in state:  # a copy made before the records travelled with it: rebuild them
             self._layouts = self._current_layouts()
         self.__dict__.setdefault("_limits", {})
+        self.__dict__.setdefault("_basis_fallbacks", FallbackCounts())
 
     def __getstate__(self) -> Dict[str, Any]:
         # the layout records travel with the state they describe (deepcopy, pickle, torch.save of the
@@ -329,7 +335,8 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         hyper = {key: as_number(value) for key, value in group.items() if key != "params"}
         check_bool("maximize", hyper["maximize"])
         check_bool("orthograd", hyper["orthograd"])
-        check_bool("skip_nonfinite_grads", hyper["skip_nonfinite_grads"])
+        if hyper["skip_nonfinite_grads"] != "on_device":
+            check_bool("skip_nonfinite_grads", hyper["skip_nonfinite_grads"])
         check_bool("rollback_on_error", hyper["rollback_on_error"])
         check_choice("state_dtype", hyper["state_dtype"], STATE_DTYPES)
         self._validate_group(hyper)
@@ -374,16 +381,26 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         return tuple(f"{key}={hyper.get(key)!r}" for key in self._layout_keys)
 
     def _layout_key(self, hyper: Dict[str, Any], param: torch.Tensor, options=None) -> Tuple[str, ...]:
-        """What a parameter's state layout was built from: the layout options, its dtype and shape."""
+        """What a parameter's state layout was built from: the layout options, its dtype and shape (one
+        tuple object per distinct key, so that comparing a record with the current key is usually an
+        identity check)."""
         options = self._layout_options(hyper) if options is None else options
-        return options + (f"parameter dtype={param.dtype}", f"shape={tuple(param.shape)}")
+        memo = self.__dict__.setdefault("_layout_key_memo", {})
+        found = memo.get((options, param.dtype, param.shape))
+        if found is None:
+            found = options + (f"parameter dtype={param.dtype}", f"shape={tuple(param.shape)}")
+            memo[(options, param.dtype, param.shape)] = found
+        return found
 
     def _check_layout(self, options: Tuple[str, ...], param: torch.Tensor, where) -> None:
         """ValueError if the state of ``param`` was built under other layout ``options`` or another dtype
         (``where``: a callable describing the parameter, called only on error)."""
         built = self._layouts.get(param)
         current = self._layout_key({}, param, options)
-        if built is not None and built != current:
+        if built is not None and built is not current and built != current:
+            if not self.state.get(param):  # the state was emptied since: a new one may take any layout
+                del self._layouts[param]
+                return
             where = where()
             changed = [(old, new) for old, new in zip(built, current) if old != new]
             raise ValueError(
@@ -392,70 +409,116 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 f"change once the state exists: build a new optimizer for the new setting (nothing was modified)"
             )
 
+    def _membership(self) -> Tuple:
+        """What the per-parameter bookkeeping of a step depends on besides gradients and options: the state
+        dict's identity and size, and each group's parameters (identity, dtype, shape). While it stays the
+        same, the layout records need no pruning and the gradient limits computed before still hold."""
+        return (
+            id(self.state), len(self.state),
+            tuple((id(p), p.dtype, p.shape) for group in self.param_groups for p in group["params"]),
+        )
+
     def _prepare_step(self) -> Optional[Tuple[Screen, List[Tuple[Dict[str, Any], List[Slot]]]]]:
         """Everything that can fail, before anything is modified: the groups to step and their slots,
-        or None when the step is skipped (non-finite gradients under ``skip_nonfinite_grads``)."""
+        or None when the step is skipped (non-finite gradients under ``skip_nonfinite_grads``).
+
+        Per-parameter work is kept to what the gradients need (structure, dtype, the layout record's
+        identity check); what depends only on the groups' membership is recomputed when it changes."""
         name = type(self).__name__
-        self._prune_layouts()
+        membership = self._membership()
+        changed = membership != self.__dict__.get("_last_membership")
+        if changed:
+            self._prune_layouts()
+            self._limits_by_index = None
+            self._last_membership = membership
         hypers = [self._check_group(group) for group in self.param_groups]
-        for hyper, group in zip(hypers, self.param_groups):
-            self._check_can_step(hyper, [p for p in group["params"] if p.grad is not None])
-        self._check_new_state_fits(hypers)
-        for group_index, group in enumerate(self.param_groups):
-            for param_index, param in enumerate(group["params"]):
-                if param.grad is not None:
+        for group_index, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
+            with_grads = [p for p in group["params"] if p.grad is not None]
+            self._check_can_step(hyper, with_grads)
+            for param in with_grads:
+                grad = param.grad
+                if grad.layout is not torch.strided or grad.is_complex() or grad.shape != param.shape:
+                    param_index = next(i for i, p in enumerate(group["params"]) if p is param)
                     gradient_check.check_structure(
-                        name, lambda g=group_index, i=param_index, p=param: describe(g, i, p.shape), param, param.grad
+                        name, lambda g=group_index, i=param_index, p=param: describe(g, i, p.shape), param, grad
                     )
         work = self._distribution.gather(self, self.param_groups, hypers)
         grads_per_group: List[List[torch.Tensor]] = []
-        grads, indices = [], []
+        states_per_group: List[List[Dict[str, Any]]] = []
+        grads, indices, fresh = [], [], []
+        layouts = self._layouts
+        # the layout records were all checked against these options last time, and none changed since
+        layout_check = (membership, tuple(self._layout_options(h) for h in hypers), id(layouts), len(layouts))
+        if layout_check == self.__dict__.get("_layouts_checked"):
+            layouts = {}
         for group_index, (hyper, items) in enumerate(zip(hypers, work)):
-            effective = []
+            effective, states = [], []
             options = self._layout_options(hyper)
+            chosen_dtype, orthograd, maximize = hyper.get("state_dtype"), hyper["orthograd"], hyper["maximize"]
             for item in items:
-                if self._layouts.get(item.param) is not None:
+                param = item.param
+                state = self.state.get(param)
+                if not state:
+                    fresh.append((group_index, item))
+                if layouts and param in layouts:
                     self._check_layout(
-                        options, item.param,
+                        options, param,
                         lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
                     )
-                grad = gradient_check.effective_gradient(
-                    item.tensor, item.grad, state_dtype(item.param, hyper),
-                    orthograd=hyper["orthograd"], maximize=hyper["maximize"],
-                )
+                dtype = chosen_dtype or (torch.float64 if param.dtype == torch.float64 else torch.float32)
+                grad = item.grad
+                if grad.dtype != dtype or orthograd or maximize:
+                    grad = gradient_check.effective_gradient(item.tensor, grad, dtype, orthograd=orthograd, maximize=maximize)
                 effective.append(grad)
-                if grad.numel() and item.counted:
+                states.append(state)
+                if item.counted and grad.numel():
                     grads.append(grad)
                     indices.append(item.global_index)
             grads_per_group.append(effective)
-        screen = self._gradients_are_fine(grads, indices, hypers)
+            states_per_group.append(states)
+        self._layouts_checked = layout_check
+        if fresh:
+            self._check_new_state_fits(hypers, fresh)
+        if hypers and all(hyper["skip_nonfinite_grads"] == "on_device" for hyper in hypers):
+            screen = self._gradients_checked_on_device(grads, indices, hypers)
+            if screen.passed is not None:  # a failed check steps with zeros, then puts everything back
+                grads_per_group = [
+                    [torch.where(screen.passed, grad, 0.0) for grad in effective] for effective in grads_per_group
+                ]
+        else:
+            screen = self._gradients_are_fine(grads, indices, hypers)
         if screen is None:
             return None
+        # whose layout the step records: after a membership change every parameter's, as it may have
+        # gained state outside a step; otherwise only those of the states this step builds
+        self._record_layouts = None if changed else [(item.param, hypers[gi]) for gi, item in fresh]
         return screen, [
-            (hyper, [Slot(item.tensor, grad, self.state[item.param], item.param.shape) for item, grad in zip(items, effective)])
-            for hyper, items, effective in zip(hypers, work, grads_per_group)
+            (hyper, [
+                Slot(item.tensor, grad, self.state[item.param] if state is None else state, item.param.shape)
+                for item, grad, state in zip(items, effective, states)
+            ])
+            for hyper, items, effective, states in zip(hypers, work, grads_per_group, states_per_group)
         ]
 
-    def _check_new_state_fits(self, hypers: Sequence[Dict[str, Any]]) -> None:
+    def _check_new_state_fits(self, hypers: Sequence[Dict[str, Any]], fresh: Sequence[Tuple[int, Any]]) -> None:
         """MemoryError, before anything is allocated, when the state this step would create cannot fit.
 
         SOAP's and Shampoo's first step allocates a d x d factor and basis per preconditioned axis: a
         (100000, 2) parameter with ``max_precond_dim=100000`` asks for 80 GB, which on the CPU may be
         granted lazily and end in the process being killed mid-step. The estimate is the state's own
-        bytes (``_expected_state_shapes``), per device; one process only (a rank keeps only its share)."""
+        bytes (``_expected_state_shapes``), per device; one process only (a rank keeps only its share).
+        ``fresh``: (group index, work item) of every parameter about to get its state."""
         if self._distribution.mode != "single":
             return
         need: Dict[torch.device, int] = defaultdict(int)
         largest: Dict[torch.device, Tuple[int, str]] = {}
-        for group_index, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
-            for param_index, param in enumerate(group["params"]):
-                if param.grad is None or self.state.get(param):
-                    continue
-                dtype = state_dtype(param, hyper)
-                size = _numel_of(list(self._expected_state_shapes(param, hyper).values())) * dtype.itemsize
-                need[param.device] += size
-                if size > largest.get(param.device, (0, ""))[0]:
-                    largest[param.device] = (size, describe(group_index, param_index, param.shape))
+        for group_index, item in fresh:
+            param, hyper = item.param, hypers[group_index]
+            dtype = state_dtype(param, hyper)
+            size = _numel_of(list(self._expected_state_shapes(param, hyper).values())) * dtype.itemsize
+            need[param.device] += size
+            if size > largest.get(param.device, (0, ""))[0]:
+                largest[param.device] = (size, describe(group_index, item.param_index, param.shape))
         for device, size in need.items():
             free = available_bytes(device) if size > 2**26 else None  # below 64 MB: not worth a look
             if free is not None and size > free:
@@ -466,6 +529,93 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     f"available. Lower max_precond_dim (axes longer than it get no d x d factor), or use "
                     f"one_sided=True / factorized=True (SOAP); nothing was modified"
                 )
+
+    def _limits_per_index(self, hypers) -> Tuple[List[float], float]:
+        """``_max_grad_norm`` of every parameter (by global index) and the smallest of them; kept while the
+        groups' membership (see ``_membership``) and layout options stay the same."""
+        layouts = tuple(self._layout_options(hyper) for hyper in hypers)  # the limits depend on the plan
+        cached = getattr(self, "_limits_by_index", None)
+        if cached is not None and cached[0] == layouts:
+            return cached[1], cached[2]
+        limits = []
+        for hyper, group, layout in zip(hypers, self.param_groups, layouts):
+            for param in group["params"]:
+                key = (tuple(param.shape), state_dtype(param, hyper), layout)
+                limit = self._limits.get(key)
+                if limit is None:
+                    limit = self._limits[key] = self._max_grad_norm(param.shape, hyper, key[1])
+                limits.append(limit)
+        smallest = min(limits, default=math.inf)
+        self._limits_by_index = (layouts, limits, smallest)
+        return limits, smallest
+
+    def _gradients_checked_on_device(self, grads, indices, hypers) -> Screen:
+        """``skip_nonfinite_grads="on_device"``: the check of :meth:`_gradients_are_fine` decided on the
+        device, with no host read. ``Screen.passed`` is a 0-d bool: every gradient finite and within its
+        limit (``_max_grad_norm``). The step then runs on the gradients where passed, zeros elsewhere, and
+        ``step`` puts parameters and state back where not passed (see :meth:`_keep_where_passed`); the
+        count of such steps stays on the device until read (:meth:`read_device_counters`). A finite
+        gradient whose float32 norm overflows counts as not passed (the host check would look closer).
+        The overflow guards of the math stay on (they need the norms on the host to be skipped)."""
+        if self._distribution.mode != "single":
+            raise ValueError(
+                f'{type(self).__name__}: skip_nonfinite_grads="on_device" runs on one process only (the '
+                f"distributed check sums the norms over ranks on the host); use True or False"
+            )
+        if not grads:
+            return Screen(math.inf, True)
+        norms = gradient_check.squared_norms(grads).sqrt()
+        limits, _ = self._limits_per_index(hypers)
+        cached = getattr(self, "_device_limits", None)
+        key = (tuple(indices), id(limits), norms.device)
+        if cached is None or cached[0] != key:  # a host-to-device copy when the membership changes only
+            cached = self._device_limits = (key, torch.tensor([limits[i] for i in indices], dtype=torch.float64).to(norms.device))
+        passed = torch.isfinite(norms).all() & (norms <= cached[1]).all()
+        skipped = self.__dict__.setdefault("_skipped_on_device", {})
+        previous = skipped.get(norms.device)
+        failed = (~passed).to(torch.float64)
+        skipped[norms.device] = failed if previous is None else previous + failed
+        return Screen(math.inf, True, passed)
+
+    def _keep_where_passed(self, passed: torch.Tensor, saved) -> None:
+        """After a step under ``skip_nonfinite_grads="on_device"``: every parameter and state tensor that
+        existed before it (``saved``: pairs of the live container and its copy) takes its copy's value where
+        the check failed, by ``torch.where`` (no host read). A state this step created stays (built from
+        zero gradients), and the host ``step`` counters have advanced either way: a skipped step still
+        counts for bias correction and refresh schedules."""
+        live, copies = [], []
+        for current, copy in saved:
+            if isinstance(current, torch.Tensor):
+                live.append(current)
+                copies.append(copy)
+                continue
+            for key, value in copy.items():
+                if key == "step" or key not in current:
+                    continue
+                now = current[key]
+                pairs = zip(now, value) if isinstance(value, list) else [(now, value)]
+                for tensor, old in pairs:
+                    if isinstance(tensor, torch.Tensor) and isinstance(old, torch.Tensor):
+                        live.append(tensor)
+                        copies.append(old)
+        for tensor, old in zip(live, copies):
+            tensor.copy_(torch.where(passed, tensor, old))
+
+    def read_device_counters(self) -> None:
+        """Read what is counted on the device: warn about eigenbasis fallbacks (a non-finite factor or
+        decomposition kept the previous or identity basis) and add the steps skipped on the device
+        (``skip_nonfinite_grads="on_device"``) to each param group's ``skipped_steps``. A host read when
+        anything was counted; every step reads the fallbacks with its gradient check anyway (not under
+        "on_device"), and ``state_dict()`` calls this."""
+        pending = self._basis_fallbacks.take(torch.device("cpu"))
+        if pending is not None:
+            report_fallbacks(pending.tolist())
+        skipped = self.__dict__.get("_skipped_on_device")
+        if skipped:
+            count = int(sum(float(value) for value in skipped.values()))
+            self._skipped_on_device = {}
+            for group in self.param_groups:
+                group["skipped_steps"] = group.get("skipped_steps", 0) + count
 
     def _check_can_step(self, hyper: Dict[str, Any], params: Sequence[torch.Tensor]) -> None:
         """What the group's options need from its tensors: ``fused=True`` needs the kernels to run."""
@@ -482,11 +632,16 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         count = self._distribution.num_params(self.param_groups)
         squares = torch.zeros(count, dtype=torch.float64)
         if grads:
-            entries = list(squares.unbind())
-            for index, square in zip(indices, gradient_check.squared_norms(grads).cpu().unbind()):
-                entries[index] = square
-            squares = torch.stack(entries)
-        values = self._distribution.all_reduce_sum(squares).tolist()  # the one host read
+            norms = gradient_check.squared_norms(grads)
+            # the last steps' eigenbasis fallbacks come back with the norms: no host read of their own
+            fallbacks = self._basis_fallbacks.take(norms.device)
+            if fallbacks is not None:
+                norms = torch.cat([norms, fallbacks])
+            norms = norms.cpu()  # the one host read
+            if fallbacks is not None:
+                report_fallbacks(norms[len(grads) :].tolist())
+            squares = squares.index_copy(0, torch.tensor(indices), norms[: len(grads)])
+        values = self._distribution.all_reduce_sum(squares).tolist()
         flagged = [index for index, value in enumerate(values) if not math.isfinite(value)]
         bad: Dict[int, bool] = {}
         if flagged:
@@ -510,19 +665,13 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         # per-parameter limits of the math (e.g. SOAP's rotation) depend on shapes and options alone, so
         # every rank judges every parameter from the summed norms, with no second collective
         too_large = [False] * count
-        for group_index, (hyper, group) in enumerate(zip(hypers, self.param_groups)):
-            base = self._distribution.first_index(self.param_groups, group_index)
-            layout = self._layout_options(hyper)  # the limits depend on the plan, hence on these
-            for param_index, param in enumerate(group["params"]):
-                index = base + param_index
+        limits, smallest = self._limits_per_index(hypers)
+        if math.sqrt(largest_square) > smallest:  # else no finite norm is near any limit
+            for index, param in enumerate(p for group in self.param_groups for p in group["params"]):
                 if param.grad is None or bad.get(index, False) or values[index] == 0.0:
                     continue
-                key = (tuple(param.shape), state_dtype(param, hyper), layout)
-                limit = self._limits.get(key)
-                if limit is None:
-                    limit = self._limits[key] = self._max_grad_norm(param.shape, hyper, key[1])
-                too_large[index] = limit < math.inf and math.sqrt(values[index]) > limit
-        problems = [i for i in range(count) if bad.get(i, False) or too_large[i]]
+                too_large[index] = limits[index] < math.inf and math.sqrt(values[index]) > limits[index]
+        problems = sorted({i for i, b in bad.items() if b} | {i for i, t in enumerate(too_large) if t})
         if not problems:
             return screen
         first = problems[0]
@@ -572,6 +721,12 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         # a group that writes in place needs its copy unless no other group's math runs after it: a later
         # group's failure would otherwise leave its writes behind (held writes are applied after all the math)
         last = max((i for i, (_, slots) in enumerate(work) if slots), default=-1)
+        saved = None
+        if screen.passed is not None:  # skip_nonfinite_grads="on_device": copies to put back if the check failed
+            slots = [slot for _, group_slots in work for slot in group_slots]
+            states = [slot.state for slot in slots if slot.state]
+            state_copies, param_copies = _copy_all(states, [slot.param for slot in slots])
+            saved = list(zip([slot.param for slot in slots], param_copies)) + list(zip(states, state_copies))
         rollback = _Rollback(work, [
             hyper["rollback_on_error"] and (
                 shared or not self._math_allocates_first(hyper, slots)
@@ -580,8 +735,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             for i, (hyper, slots) in enumerate(work)
         ])
         held = []
+        fallbacks = FallbackCounts()
         try:
-            with full_float32_matmul():  # the preconditioner's products ignore the user's TF32/bf16 settings
+            # the preconditioner's products ignore the user's TF32/bf16 settings
+            with full_float32_matmul(), counting_fallbacks(fallbacks):
                 for hyper, slots in work:
                     if slots:
                         writes = self._step_group(hyper, slots, screen)
@@ -595,12 +752,17 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             rollback.undo()
             raise
         del rollback
+        self._basis_fallbacks.merge(fallbacks)
+        if saved is not None:
+            self._keep_where_passed(screen.passed, saved)
         self._release_idle_buffers(work)
         self._distribution.scatter(self)
-        for hyper, group in zip((h for h, _ in work), self.param_groups):
-            for param in group["params"]:
-                if param not in self._layouts and self.state.get(param):
-                    self._layouts[param] = self._layout_key(hyper, param)
+        record = self._record_layouts
+        if record is None:
+            record = [(param, hyper) for (hyper, _), group in zip(work, self.param_groups) for param in group["params"]]
+        for param, hyper in record:
+            if param not in self._layouts and self.state.get(param):
+                self._layouts[param] = self._layout_key(hyper, param)
         return loss
 
     def _step_group(self, hyper: Dict[str, Any], slots: List[Slot], screen: Screen) -> Optional[PendingWrites]:
@@ -658,6 +820,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         complete state as DTensors when ``torch.distributed.checkpoint``'s state-dict API asks (every rank
         calls it); under FSDP2 otherwise this rank's marked share; under DDP with ``process_group=`` the
         result of this rank's last ``consolidate_state_dict``, and a RuntimeError without one."""
+        self.read_device_counters()
         state_dict = super().state_dict()
         distribution = self._distribution
         distribution.plan(self, self.param_groups, [self._check_group(g) for g in self.param_groups])

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .dispatch import update_factors_maybe_fused_
 from .precision import full_float32_matmul
+from .eigenbasis.bases import ROOT_FACTOR, finite_matrices, note_fallback
 from .eigenbasis import (
     Plan,
-    all_finite,
     check_plan_options,
     halve_saturating_sums_,
     initial_basis,
@@ -44,41 +43,42 @@ GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
 
 
 @full_float32_matmul()
-def inverse_root(factor: torch.Tensor, exponent: float, matrix_eps: float) -> Optional[torch.Tensor]:
+def inverse_root(
+    factor: torch.Tensor, exponent: float, matrix_eps: float, previous: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """(F + matrix_eps * lambda_max(F) * I)^(-exponent) for a symmetric PSD ``factor``.
 
     The damping is relative to the largest eigenvalue, so it does not depend on the scale of the
     gradients or on whether the factor is a sum or an average. Eigenvalues below zero (rounding)
     are clamped to zero first. A factor without a normal (non-subnormal) entry, an all-zero one
     included (no gradient seen on that axis, or one that has decayed away), gives the identity.
-    Returns None when the factor is not finite: the caller keeps its previous root.
+    A factor that is not finite gives ``previous`` (the identity when None), counted as a fallback.
 
     The factor is divided by a power of two near its largest entry before the eigendecomposition
     (exact), so a tiny or huge factor is decomposed as accurately as one of order 1 and its relative
     damping cannot underflow; the scale comes back in the root's eigenvalues (see ``root_eigenvalues``).
+    Every decision is taken on the device (``torch.where``; no host read).
     """
-    if not all_finite(factor):
-        return None
-    scale = _power_of_two_scale(factor)
-    if scale < torch.finfo(factor.dtype).tiny:
-        return torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    normalized = factor / scale
+    identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    finite = finite_matrices(factor)
+    note_fallback(ROOT_FACTOR, ~finite)
+    factor = torch.where(finite, factor, 0.0)
+    largest = factor.abs().amax() if factor.numel() else factor.new_zeros(())
+    # 2^floor(log2(max |F_ij|)): dividing by it is exact and leaves entries in [1, 2)
+    scale = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 1)
+    usable = largest >= torch.finfo(factor.dtype).tiny  # also False for a zero (or non-finite) factor
+    normalized = torch.where(usable, factor, 0.0) / torch.where(usable, scale, 1.0)
     # The core's eigh (float64 retry, identity fallback); the eigenvalues are the Rayleigh quotients
     # diag(Q^T F Q), exact to rounding for eigenvectors.
     basis = initial_basis(normalized)
     values = (basis * (normalized @ basis)).sum(dim=0).clamp_min_(0)
-    return (basis * root_eigenvalues(values, scale, exponent, matrix_eps)) @ basis.T
+    root = (basis * root_eigenvalues(values, scale, exponent, matrix_eps)) @ basis.T
+    return torch.where(usable, root, torch.where(finite, identity, identity if previous is None else previous))
 
 
-def _power_of_two_scale(factor: torch.Tensor) -> float:
-    """2^floor(log2(max |F_ij|)) (0.0 for a zero factor): dividing by it is exact and leaves entries in [1, 2)."""
-    largest = float(factor.abs().max()) if factor.numel() else 0.0
-    return math.ldexp(1.0, math.frexp(largest)[1] - 1) if largest > 0 else 0.0
-
-
-def root_eigenvalues(values: torch.Tensor, scale: float, exponent: float, matrix_eps: float) -> torch.Tensor:
+def root_eigenvalues(values: torch.Tensor, scale, exponent: float, matrix_eps: float) -> torch.Tensor:
     """(scale * (v + matrix_eps * max(v)))^(-exponent) for the eigenvalues ``v`` of a normalized factor,
-    capped at sqrt of the dtype's max.
+    capped at sqrt of the dtype's max (``scale``: a number or a 0-d tensor).
 
     Computed through logarithms in float64, so neither the scale nor a zero damped eigenvalue
     (``matrix_eps=0`` and a singular factor) overflows on the way. The cap only binds where the exact
@@ -87,7 +87,8 @@ def root_eigenvalues(values: torch.Tensor, scale: float, exponent: float, matrix
     """
     damped = values.double() + matrix_eps * values.max().double()
     log_cap = 0.5 * math.log(torch.finfo(values.dtype).max)
-    logs = (damped.log() + math.log(scale)).mul_(-exponent)
+    log_scale = torch.log(scale.double()) if isinstance(scale, torch.Tensor) else math.log(scale)
+    logs = (damped.log() + log_scale).mul_(-exponent)
     return logs.clamp_(max=log_cap).exp_().to(values.dtype)
 
 
@@ -171,6 +172,7 @@ class Shampoo(SoapOptimizerBase):
         skip_nonfinite_grads: a step whose gradients (in the state's dtype) are not finite is skipped
             instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
             counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
+            ``"on_device"``: the same decided on the device, with no host read (see the README).
         process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
             steps, a cost-balanced share of the parameters, and one all-to-all per step brings every
             replica the new values. FSDP2 / HSDP / tensor-parallel (DTensor) parameters need no keyword.
@@ -352,15 +354,7 @@ def shampoo_direction_(
         for axis, factor in enumerate(factors):
             if factor is None:
                 continue
-            root = inverse_root(factor, exponent, group["matrix_eps"])
-            if root is None:
-                warnings.warn(
-                    "soap_optim.Shampoo: a Kronecker factor is not finite; keeping the previous root",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                continue
-            roots[axis] = root
+            roots[axis] = inverse_root(factor, exponent, group["matrix_eps"], previous=roots[axis])
     direction = project(momentum, roots)  # roots are symmetric: project == project_back
     if graft is None:
         return direction

@@ -113,6 +113,7 @@ class SOAP(SoapOptimizerBase):
         skip_nonfinite_grads: a step whose gradients (in the state's dtype) are not finite is skipped
             instead of raising ``FloatingPointError`` (nothing is modified either way; warned once,
             counted in each param group's ``skipped_steps``): for long bf16 runs without a GradScaler.
+            ``"on_device"``: the same decided on the device, with no host read (see the README).
         process_group: sharded DDP (see ``soap_optim.distributed``): each rank keeps the state of, and
             steps, a cost-balanced share of the parameters, and one all-to-all per step brings every
             replica the new values. FSDP2 / HSDP / tensor-parallel (DTensor) parameters need no keyword.
@@ -138,7 +139,8 @@ class SOAP(SoapOptimizerBase):
             off-diagonal Frobenius mass above the tolerance (read from the power step :math:`F Q`
             at no extra product); elsewhere the basis, the moments' order and :math:`m` stay as they
             are and the QR is skipped. Makes a frequent ``precondition_frequency`` cheap once the
-            bases settle.
+            bases settle. Deciding which QRs to skip reads the device (one host sync per bucket and
+            preconditioned axis on refresh steps); with ``0`` a refresh reads nothing.
         rotate_second_moment: on a refresh, carry :math:`v` to the new basis as a diagonal,
             :math:`v \leftarrow v \times_k (Q_k^{\text{old}\top} Q_k^{\text{new}})^{\circ 2}`
             (HeavyBall's "variance rotation"), instead of only permuting it as the reference does.

@@ -118,16 +118,29 @@ def test_refresh_carries_moments():
         torch.testing.assert_close(q.T @ q, torch.eye(len(q), dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_non_finite_factor_never_reaches_eigh(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1))
+def test_non_finite_factor_never_reaches_eigh_or_qr(monkeypatch):
+    """The decision is taken on the device (a zero matrix goes in instead): every input eigh and QR see is
+    finite, and the result is the identity (first basis) or the previous basis with the identity order."""
+    seen = []
+
+    def spy(original):
+        def call(matrix, *args, **kwargs):
+            seen.append(bool(torch.isfinite(matrix).all()))
+            return original(matrix, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy(torch.linalg.eigh))
+    monkeypatch.setattr(torch, "geqrf", spy(torch.geqrf))
     bad = torch.eye(3)
     bad[0, 1] = float("nan")
+    previous = _random_orthonormal(3, 5).float()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         assert torch.equal(initial_basis(bad), torch.eye(3))
-        assert refreshed_basis(bad, torch.eye(3)) is None
-    assert calls == []
+        basis, order = refreshed_basis(bad, previous)
+    assert torch.equal(basis, previous) and torch.equal(order, torch.arange(3))
+    assert seen and all(seen)
 
 
 def test_eigh_failure_is_retried_in_float64(monkeypatch):
@@ -297,3 +310,29 @@ def test_second_moment_carried_through_a_pure_reordering_is_the_permutation():
     v = torch.rand(6, 4, generator=torch.Generator().manual_seed(1))
     got = rotated_second_moment(v, [basis, None], [basis[:, order], None])
     torch.testing.assert_close(got, v[order], rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_factor_in_a_stack_keeps_only_its_own_basis_and_moment(monkeypatch):
+    """Per matrix, on the device: the bad factor's tensor keeps its basis (identity order) and its first
+    moment bit for bit; the others refresh exactly as they would alone."""
+    gen = torch.Generator().manual_seed(4)
+    grams = torch.randn(3, 5, 5, generator=gen)
+    factors = grams @ grams.mT
+    factors[1, 2, 3] = float("nan")
+    bases = torch.linalg.qr(torch.randn(3, 5, 5, generator=gen))[0]
+    exp_avg = torch.randn(3, 5, 4, generator=gen)
+    before_bases, before_avg = bases.clone(), exp_avg.clone()
+    stack = [bases.clone(), None]
+    monkeypatch.setattr(bases_module, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        orders = refresh_bases_([factors, None], stack, exp_avg, batch_dims=1)
+    assert torch.equal(stack[0][1], before_bases[1]) and torch.equal(orders[0][1], torch.arange(5))
+    assert torch.equal(exp_avg[1], before_avg[1])
+    for i in (0, 2):
+        alone_bases, alone_avg = [before_bases[i : i + 1].clone(), None], before_avg[i : i + 1].clone()
+        alone_orders = refresh_bases_([factors[i : i + 1].clone(), None], alone_bases, alone_avg, batch_dims=1)
+        assert torch.equal(stack[0][i], alone_bases[0][0]) and torch.equal(exp_avg[i], alone_avg[0])
+        assert torch.equal(orders[0][i], alone_orders[0][0])
+    assert all(torch.isfinite(t).all() for t in (stack[0], exp_avg))
+    assert any("not finite; keeping the previous basis" in str(w.message) for w in caught)  # read at once outside a step

@@ -108,12 +108,19 @@ OPTIMIZERS = {
     "AdamW": (AdamW, dict()),
     "Adam-single-tensor": (Adam, dict(foreach=False)),
     "Adafactor": (Adafactor, dict()),
+    "SOAP-refresh-tolerance": (SOAP, dict(precondition_frequency=3, refresh_tolerance=1e-3)),
+    "Shampoo-roots": (Shampoo, dict(precondition_frequency=3, start_preconditioning_step=1)),
 }
 # Host reads of device data per step, as measured (first step, steps 2-5, where step 4 refreshes SOAP's
-# and Shampoo's preconditioners): the gradient screen's one read of the squared norms every step; the
-# refresh's finiteness checks of each factor and new basis (SOAP, two reads per factor) or each factor
-# (Shampoo's roots); the first step's eigh fallbacks.
+# and Shampoo's preconditioners): the gradient screen's one read of the squared norms, every step, first
+# and refresh steps included (the eigenbasis core's fallbacks and Shampoo's roots are decided on the
+# device, see soap_optim/eigenbasis/bases.py). One documented exception: a refresh with
+# refresh_tolerance > 0 reads each stack's drift decisions once per preconditioned axis (that read lets
+# settled bases skip their QR).
 EXPECTED_PLAIN_STEP = 1
+EVERY_STEP_ONCE = [
+    "Adafactor", "Adam-single-tensor", "AdamW", "SOAP", "SOAP-one-parameter", "Shampoo", "Shampoo-roots"
+]
 
 
 def _run(name, count_host_reads, steps=5):
@@ -130,6 +137,20 @@ def _run(name, count_host_reads, steps=5):
             opt.step()
         per_step.append(counter.reads)
     return per_step
+
+
+@pytest.mark.parametrize("name", EVERY_STEP_ONCE)
+def test_every_step_reads_device_data_once(name, count_host_reads):
+    """First steps (SOAP's first bases by eigh) and refresh steps (QR) included."""
+    per_step = _run(name, count_host_reads)
+    assert [len(reads) for reads in per_step] == [EXPECTED_PLAIN_STEP] * len(per_step), per_step
+
+
+def test_refresh_tolerance_reads_each_stack_and_axis_once(count_host_reads):
+    per_step = _run("SOAP-refresh-tolerance", count_host_reads)
+    # one read per (bucket, preconditioned axis) of SHAPES: 11 here
+    assert [len(reads) for reads in per_step] == [1, 1, 1, 1 + 11, 1], per_step
+    assert per_step[3].count(".tolist()") == 11
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -166,3 +187,128 @@ def test_report_refresh_and_first_steps(count_host_reads, capsys):
         per_step = _run(name, count_host_reads)
         print(f"{name}: host reads per step {[len(r) for r in per_step]}")
         assert all(len(r) >= 1 for r in per_step)  # the gradient screen reads every step
+
+
+def test_a_basis_fallback_is_reported_with_the_next_steps_read(count_host_reads, monkeypatch):
+    """A QR that comes back non-finite keeps the previous bases, decided on the device: the refresh step
+    still reads once, the next step's single read brings the count back and warns; a fallback on the
+    last step is reported by state_dict()."""
+    import warnings
+
+    from soap_optim.eigenbasis import bases as bases_module
+
+    real_geqrf = torch.geqrf
+
+    def nan_geqrf(matrix, *args, **kwargs):
+        reflectors, tau = real_geqrf(matrix, *args, **kwargs)
+        return torch.full_like(reflectors, float("nan")), tau
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = SOAP(params, precondition_frequency=3)
+    monkeypatch.setattr(bases_module, "_warned", set())
+    monkeypatch.setattr(torch, "geqrf", nan_geqrf)
+    reads, messages = [], []
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        counter = count_host_reads(opt)
+        with warnings.catch_warnings(record=True) as caught, counter:
+            warnings.simplefilter("always")
+            opt.step()
+        reads.append(len(counter.reads))
+        messages.append([str(w.message) for w in caught])
+    assert reads == [1] * 5
+    assert messages[:4] == [[], [], [], []]  # the 4th call refreshes: nothing read yet
+    assert messages[4] == ["soap_optim: QR refresh failed; keeping the previous basis"]
+    assert all(torch.isfinite(b).all() for p in params for b in opt.state[p]["bases"] if b is not None)
+
+    monkeypatch.setattr(bases_module, "_warned", set())
+    for _ in range(2):  # the 7th call refreshes (and fails) last
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    with pytest.warns(RuntimeWarning, match="QR refresh failed"):
+        opt.state_dict()
+
+
+# ----------------------------------------------------------------------------- skip_nonfinite_grads="on_device"
+ON_DEVICE = ["SOAP", "SOAP-one-parameter", "Shampoo", "Shampoo-roots", "AdamW", "Adam-single-tensor", "Adafactor"]
+
+
+def _state_values(opt, params):
+    """Parameters and every state tensor but the host step counters, as clones."""
+    values = [p.detach().clone() for p in params]
+    for p in params:
+        for key, value in opt.state[p].items():
+            if key != "step":
+                values += [t.clone() for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+    return values
+
+
+@pytest.mark.parametrize("name", ON_DEVICE)
+def test_on_device_check_reads_nothing(name, count_host_reads):
+    """The opt-out of the host check: first, plain and refresh steps read no device data."""
+    cls, options = OPTIMIZERS[name]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = cls(params, **options, skip_nonfinite_grads="on_device")
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        counter = count_host_reads(opt)
+        with counter:
+            opt.step()
+        assert counter.reads == []
+
+
+@pytest.mark.parametrize("name", ON_DEVICE)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_on_device_skip_changes_nothing_but_the_step_counters(name, bad):
+    """A NaN/Inf or too large gradient (1e30: above every limit but Adafactor's, whose float32 norm then
+    overflows) on a plain step and on a refresh step (the 4th call): parameters and state come back bit
+    for bit, nothing is non-finite, and the steps are counted once read."""
+    cls, options = OPTIMIZERS[name]
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = cls(params, **options, skip_nonfinite_grads="on_device")
+    skipped = 0
+    for call in range(7):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        failing = call in (2, 3)
+        if failing:
+            params[call % len(params)].grad.view(-1)[0] = bad
+            before = _state_values(opt, params)
+        opt.step()
+        if failing:
+            skipped += 1
+            after = _state_values(opt, params)
+            assert all(torch.equal(a, b) for a, b in zip(after, before)), call
+        assert all(torch.isfinite(t).all() for t in _state_values(opt, params))
+    assert opt.param_groups[0]["skipped_steps"] == 0  # still on the device
+    opt.read_device_counters()
+    assert opt.param_groups[0]["skipped_steps"] == skipped
+    opt.read_device_counters()  # read once: nothing counted twice
+    assert opt.param_groups[0]["skipped_steps"] == skipped
+
+
+def test_on_device_soap_with_finite_gradients_is_the_default_run_bit_for_bit():
+    """Where every gradient passes, the selection keeps the step's values: SOAP's trajectory is the
+    default one (its overflow guard returns ordinary gradients bit for bit)."""
+    runs = []
+    for skip in (False, "on_device"):
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+        opt = SOAP(params, precondition_frequency=3, skip_nonfinite_grads=skip)
+        for _ in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append(_state_values(opt, params))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_on_device_is_refused_with_a_clear_error_for_a_bad_value():
+    with pytest.raises(ValueError, match="skip_nonfinite_grads"):
+        AdamW([torch.nn.Parameter(torch.zeros(2))], skip_nonfinite_grads="sometimes")

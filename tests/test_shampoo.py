@@ -134,12 +134,18 @@ def test_inverse_root_of_a_singular_factor_is_damped_relative_to_its_scale():
     assert (other @ root @ other).item() == pytest.approx((25e6 * 1e-4) ** -0.5, rel=1e-8)
 
 
-def test_inverse_root_of_zero_is_identity_and_non_finite_is_refused():
+def test_inverse_root_of_zero_is_identity_and_non_finite_is_refused(monkeypatch):
+    from soap_optim.eigenbasis import bases as bases_module
+
+    monkeypatch.setattr(bases_module, "_warned", set())
     zero = torch.zeros(3, 3)
     assert torch.equal(inverse_root(zero, 0.25, 1e-6), torch.eye(3))
     bad = torch.eye(3)
     bad[0, 1] = float("nan")
-    assert inverse_root(bad, 0.25, 1e-6) is None
+    previous = torch.diag(torch.tensor([2.0, 3.0, 4.0]))
+    with pytest.warns(RuntimeWarning, match="keeping the previous root"):  # read at once outside a step
+        assert torch.equal(inverse_root(bad, 0.25, 1e-6, previous=previous), previous)
+    assert torch.equal(inverse_root(bad, 0.25, 1e-6), torch.eye(3))
 
 
 def test_root_exponent():

@@ -6,14 +6,25 @@ Refresh:      est = diag(O^T F O); order = argsort(est, descending);
               Q = QR(F O[:, order]).Q          (O is the current basis)
 
 The refresh also returns ``order`` because moments kept in the eigenbasis must be permuted
-along with the columns. Nothing non-finite ever reaches eigh/QR: a factor with NaN/Inf, or a
-decomposition that fails even in float64, keeps the previous basis (the identity for a first
-basis) and warns once.
+along with the columns.
+
+Fallbacks, decided per matrix on the device (``torch.where`` over the stack; no host read): a factor
+with NaN/Inf never reaches eigh, a product or QR (a zero matrix goes in instead) and keeps the
+previous basis (the identity for a first basis); so does a matrix whose decomposition comes back
+non-finite. A decomposition that raises is known on the host: eigh is retried in float64 (then the
+identity), a QR that raises keeps that matrix's previous basis; both warn at once.
+
+Reporting the device-side fallbacks without a sync of their own: inside an optimizer step (see
+:func:`counting_fallbacks`) each one is added to a small count tensor on the device, which the
+optimizer reads together with the gradient norms at the next step's single host read (or at
+``state_dict()``) and reports as a warning, once per kind and process. Called outside a step, these
+functions read the decision at once and warn.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,11 +34,77 @@ from ..precision import full_float32_matmul
 _EIGH_JITTER = 1e-30
 _warned = set()
 
+# What a device-side fallback means, one entry per kind (the order of a count vector's entries).
+FALLBACK_MESSAGES = (
+    "soap_optim: a Kronecker factor is not finite; using the identity basis",
+    "soap_optim: eigh returned non-finite eigenvectors; using the identity basis",
+    "soap_optim: a Kronecker factor is not finite; keeping the previous basis",
+    "soap_optim: QR refresh failed; keeping the previous basis",
+    "soap_optim.Shampoo: a Kronecker factor is not finite; keeping the previous root",
+)
+_FIRST_FACTOR, _FIRST_EIGH, _REFRESH_FACTOR, _REFRESH_QR, ROOT_FACTOR = range(len(FALLBACK_MESSAGES))
+
 
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class FallbackCounts:
+    """Device-side counts of the fallbacks of :data:`FALLBACK_MESSAGES`, one float64 vector per device."""
+
+    def __init__(self) -> None:
+        self._counts: Dict[torch.device, torch.Tensor] = {}
+
+    def add(self, kind: int, kept: torch.Tensor) -> None:
+        """Count the True entries of ``kept`` (a bool tensor on any device) as fallbacks of ``kind``."""
+        counts = self._counts.get(kept.device)
+        if counts is None:
+            counts = self._counts[kept.device] = torch.zeros(len(FALLBACK_MESSAGES), dtype=torch.float64, device=kept.device)
+        counts[kind] += kept.sum()
+
+    def merge(self, other: "FallbackCounts") -> None:
+        for device, counts in other._counts.items():
+            mine = self._counts.get(device)
+            self._counts[device] = counts if mine is None else mine + counts
+
+    def take(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The counts so far, summed on ``device`` (None: nothing was counted), and start again from zero."""
+        if not self._counts:
+            return None
+        counts = [c.to(device) for c in self._counts.values()]
+        self._counts = {}
+        return torch.stack(counts).sum(dim=0)
+
+
+def report_fallbacks(counts: Sequence[float]) -> None:
+    """Warn (once per kind and process) for every kind with a count above zero (host numbers)."""
+    for message, count in zip(FALLBACK_MESSAGES, counts):
+        if count > 0:
+            _warn_once(message)
+
+
+_counting: List[FallbackCounts] = []
+
+
+@contextmanager
+def counting_fallbacks(counts: FallbackCounts) -> Iterator[FallbackCounts]:
+    """Inside the block, device-side fallbacks are added to ``counts`` instead of being read and reported."""
+    _counting.append(counts)
+    try:
+        yield counts
+    finally:
+        _counting.pop()
+
+
+def note_fallback(kind: int, kept: torch.Tensor) -> None:
+    """Record the fallbacks of ``kind`` where ``kept`` (a bool tensor): counted on the device inside an
+    optimizer step, read and warned at once outside one."""
+    if _counting:
+        _counting[-1].add(kind, kept)
+    elif bool(kept.any()):  # outside an optimizer step: read it now
+        _warn_once(FALLBACK_MESSAGES[kind])
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -37,19 +114,30 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
-def _eigh(matrix: torch.Tensor) -> Optional[torch.Tensor]:
-    """Finite eigenvectors (ascending eigenvalues) of a symmetric matrix, retried in float64; None on failure.
+def finite_matrices(x: torch.Tensor) -> torch.Tensor:
+    """Per matrix of a [..., m, n] stack, whether all its entries are finite: a bool [...] tensor on the
+    device, no host read. Below float64, from one float64 sum per matrix (finite entries cannot overflow
+    it; a NaN/Inf entry makes it non-finite)."""
+    if x.dtype == torch.float64:
+        return torch.isfinite(x).flatten(-2).all(dim=-1)
+    return torch.isfinite(x.sum(dim=(-2, -1), dtype=torch.float64))
 
-    A failure is an exception or non-finite vectors (a backend may return NaN instead of raising).
-    """
+
+def _where_matrices(mask: torch.Tensor, x: torch.Tensor, y) -> torch.Tensor:
+    """``x`` for the matrices of the stack where ``mask`` (shape [...]), ``y`` elsewhere."""
+    return torch.where(mask[..., None, None], x, y)
+
+
+def _eigh(matrix: torch.Tensor) -> Optional[torch.Tensor]:
+    """Eigenvectors (ascending eigenvalues) of a symmetric matrix; retried in float64 when eigh raises;
+    None when it raises in float64 too. Non-finite vectors (without an exception) are the caller's to
+    handle on the device: a retry decided by reading them would cost a host sync."""
     jitter = _EIGH_JITTER * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     for attempt in (matrix + jitter, matrix.double() + jitter.double()):
         try:
-            vectors = torch.linalg.eigh(attempt)[1].to(matrix.dtype)
+            return torch.linalg.eigh(attempt)[1].to(matrix.dtype)
         except Exception:  # torch raises torch.linalg.LinAlgError, backends differ
             continue
-        if all_finite(vectors):
-            return vectors
     return None
 
 
@@ -72,16 +160,20 @@ def _orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
 
 @full_float32_matmul()
 def initial_basis(factor: torch.Tensor) -> torch.Tensor:
-    """Orthonormal eigenvectors of ``factor``, eigenvalues in descending order."""
+    """Orthonormal eigenvectors of ``factor``, eigenvalues in descending order (the identity where the
+    factor or its eigenvectors are not finite, or eigh raised in float32 and float64)."""
     identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    if not all_finite(factor):
-        _warn_once("soap_optim: a Kronecker factor is not finite; using the identity basis")
-        return identity
-    vectors = _eigh(factor)
+    finite = finite_matrices(factor)
+    vectors = _eigh(torch.where(finite, factor, 0.0))
     if vectors is None:
         _warn_once("soap_optim: eigh failed even in float64; using the identity basis")
         return identity
-    return vectors.flip(1)
+    found = finite_matrices(vectors)
+    note_fallback(_FIRST_FACTOR, ~finite)
+    note_fallback(_FIRST_EIGH, finite & ~found)
+    # row-major like every later basis (eigh's vectors are column-major): a basis kept by a refresh's
+    # fallback then keeps its layout too, and with it the rounding of the products it enters
+    return torch.where(finite & found, vectors.flip(1), identity).contiguous()
 
 
 def basis_drift(factor_basis: torch.Tensor, estimated: torch.Tensor) -> torch.Tensor:
@@ -102,56 +194,89 @@ def basis_drift(factor_basis: torch.Tensor, estimated: torch.Tensor) -> torch.Te
 def refreshed_basis(factor: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """One power-iteration + QR step from ``basis``: returns (new basis, column order) or None.
 
-    Works on one d x d pair or on [..., d, d] stacks (``order`` is then [..., d]). None means the
-    refresh was not possible (non-finite factor or failed QR, anywhere in a stack): keep ``basis``.
+    Works on one d x d pair or on [..., d, d] stacks (``order`` is then [..., d]). A matrix whose
+    refresh is not possible (non-finite factor or QR) keeps its basis, with the identity order; None
+    means that no matrix could be refreshed (every QR raised).
     """
-    result = refreshed_basis_where_drifted(factor, basis, 0.0)
+    result = refreshed_basis_if_any(factor, basis, 0.0)
     return None if result is None else result[:2]
 
 
-@full_float32_matmul()
 def refreshed_basis_where_drifted(
     factor: torch.Tensor, basis: torch.Tensor, tolerance: float
-) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`refreshed_basis` for the matrices whose :func:`basis_drift` exceeds ``tolerance`` only.
 
-    Returns (new basis, order, refreshed): ``refreshed`` is a bool [...] mask (None when ``tolerance``
-    is 0: every matrix refreshed). A matrix left alone keeps its basis bit for bit and gets the identity
-    order, and skips the QR, the refresh's largest cost. Each matrix's decision and QR are its own, so a
-    basis does not depend on which other factors share its stack.
+    Returns (new basis, order, refreshed), ``refreshed`` a bool [...] mask on the device: the matrices
+    that took a new basis. A matrix left alone (settled, non-finite factor or QR) keeps its basis bit
+    for bit and gets the identity order. Each matrix's decision and QR are its own, so a basis does not
+    depend on which other factors share its stack.
     """
-    if not all_finite(factor):
-        _warn_once("soap_optim: a Kronecker factor is not finite; keeping the previous basis")
-        return None
+    result = refreshed_basis_if_any(factor, basis, tolerance)
+    if result is None:
+        identity = torch.arange(basis.shape[-1], device=basis.device).expand(basis.shape[:-1])
+        return basis, identity, torch.zeros(basis.shape[:-2], dtype=torch.bool, device=basis.device)
+    return result
+
+
+@full_float32_matmul()
+def refreshed_basis_if_any(
+    factor: torch.Tensor, basis: torch.Tensor, tolerance: float
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`refreshed_basis_where_drifted`, or None where the host knows that no matrix changed
+    (every QR raised, or none drifted), so that the caller can skip carrying its moments.
+
+    ``tolerance`` = 0 reads nothing on the host. ``tolerance`` > 0 reads the drift decisions once (a
+    host sync): that read is what lets settled matrices skip their QR, the refresh's largest cost.
+    """
+    finite = finite_matrices(factor)
+    note_fallback(_REFRESH_FACTOR, ~finite)
+    factor = _where_matrices(finite, factor, 0.0)  # nothing non-finite reaches the products or QR
     # One product serves both the eigenvalue estimates diag(O^T F O) and the power iteration F O.
     factor_basis = factor @ basis
     estimated = (basis * factor_basis).sum(dim=-2)
     order = torch.argsort(estimated, dim=-1, descending=True)
-    refreshed = None if tolerance <= 0 else basis_drift(factor_basis, estimated) > tolerance
-    if refreshed is not None and not bool(refreshed.any()):
-        identity = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
-        return basis, identity, refreshed
+    wanted = None
+    if tolerance > 0:
+        drifted = finite & (basis_drift(factor_basis, estimated) > tolerance)
+        wanted = drifted.reshape(-1).tolist()  # the one host read of a refresh with a tolerance
+        if not any(wanted):
+            return None
     columns = torch.gather(factor_basis, -1, order.unsqueeze(-2).expand(factor_basis.shape))
-    try:
-        if refreshed is None or bool(refreshed.all()):
-            new_basis = _orthonormal_factor(columns)
-        else:
-            new_basis = _orthonormal_factor_where(columns, basis, refreshed)
-    except Exception:
-        new_basis = None
-    if new_basis is None or not all_finite(new_basis):
-        _warn_once("soap_optim: QR refresh failed; keeping the previous basis")
-        return None
-    if refreshed is not None:
-        identity = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
-        order = torch.where(refreshed.unsqueeze(-1), order, identity)
-    return new_basis, order, refreshed
+    new_basis, raised = _orthonormal_factors(columns, basis, wanted)
+    if raised:  # known on the host: LAPACK raised for these matrices
+        _warn_once(FALLBACK_MESSAGES[_REFRESH_QR])
+        if len(raised) == (len(wanted) - wanted.count(False) if wanted is not None else finite.numel()):
+            return None
+        kept = torch.zeros(finite.numel(), dtype=torch.bool)
+        kept[raised] = True
+        finite = finite & ~kept.reshape(finite.shape).to(finite.device)
+    found = finite_matrices(new_basis)
+    note_fallback(_REFRESH_QR, finite & ~found)
+    refreshed = finite & found
+    if wanted is not None:
+        refreshed = refreshed & drifted
+    identity = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
+    order = torch.where(refreshed.unsqueeze(-1), order, identity)
+    return _where_matrices(refreshed, new_basis, basis), order, refreshed
 
 
-def _orthonormal_factor_where(columns: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``_orthonormal_factor`` of the matrices of ``columns`` where ``mask``; ``basis``'s elsewhere."""
-    out = basis.clone().reshape(-1, *basis.shape[-2:])
-    flat = columns.reshape(-1, *columns.shape[-2:])
-    for index in mask.reshape(-1).nonzero().flatten().tolist():
-        out[index] = _orthonormal_factor(flat[index])
-    return out.reshape(basis.shape)
+def _orthonormal_factors(
+    columns: torch.Tensor, basis: torch.Tensor, wanted: Optional[List[bool]]
+) -> Tuple[torch.Tensor, List[int]]:
+    """``_orthonormal_factor`` of each matrix of the stack ``columns`` where ``wanted`` (None: all of them),
+    one matrix per call; ``basis``'s matrix elsewhere and where LAPACK raised. Returns the stack and the
+    (flat) indices of the matrices whose QR raised."""
+    flat_columns = columns.reshape(-1, *columns.shape[-2:])
+    flat_basis = basis.reshape(-1, *basis.shape[-2:])
+    out, raised = [], []
+    for index, (matrix, previous) in enumerate(zip(flat_columns.unbind(), flat_basis.unbind())):
+        if wanted is not None and not wanted[index]:
+            out.append(previous)
+            continue
+        try:
+            out.append(_orthonormal_factor(matrix))
+        except Exception:  # torch raises torch.linalg.LinAlgError, backends differ
+            raised.append(index)
+            out.append(previous)
+    return torch.stack(out).reshape(basis.shape), raised

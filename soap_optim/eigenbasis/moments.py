@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..precision import full_float32_matmul
-from .bases import refreshed_basis_where_drifted
+from .bases import refreshed_basis_if_any
 from .projection import project, project_back
 
 Orders = List[Optional[torch.Tensor]]
@@ -30,10 +30,12 @@ def refresh_bases_(
     """In place: refresh every basis that has a factor and rotate ``exp_avg`` into the new bases.
 
     ``exp_avg`` is in the merged layout and the current eigenbasis (None: nothing to carry).
-    Returns, per axis, the order of the old columns in the new basis (None: axis unchanged).
+    Returns, per axis, the order of the old columns in the new basis (None: axis not refreshed; the
+    identity for the matrices of a stack that kept their basis).
     With ``batch_dims=1`` everything is a stack over a leading batch axis (see ``projection``).
     ``tolerance`` > 0: only bases that drifted more than that from their factor's eigenbasis are
-    refreshed (see ``bases.basis_drift``); a tensor none of whose bases changed keeps ``exp_avg`` bit for bit.
+    refreshed (see ``bases.basis_drift``). A tensor none of whose bases changed (settled, or a fallback of
+    ``bases``) keeps ``exp_avg`` bit for bit: decided per tensor on the device, with no host read.
     ``exp_avg_sq`` (a full second moment, same layout): carried to the new bases too, by
     :func:`rotated_second_moment`, instead of being left for the caller to permute by the orders.
     """
@@ -43,15 +45,12 @@ def refresh_bases_(
     for axis, (factor, basis) in enumerate(zip(factors, bases)):
         if factor is None:
             continue
-        result = refreshed_basis_where_drifted(factor, basis, tolerance)
+        result = refreshed_basis_if_any(factor, basis, tolerance)
         if result is None:
             continue
         new_basis, order, refreshed = result
-        if refreshed is None:
-            bases[axis], orders[axis] = new_basis, order
-        elif bool(refreshed.any()):
-            bases[axis], orders[axis] = new_basis, order
-            changed = refreshed if changed is None else changed | refreshed
+        bases[axis], orders[axis] = new_basis, order
+        changed = refreshed if changed is None else changed | refreshed
     if all(order is None for order in orders):
         return orders
     if exp_avg is not None:
@@ -79,11 +78,9 @@ def rotated_second_moment(
     return project(exp_avg_sq, transitions, batch_dims)
 
 
-def _copy_where_(target: torch.Tensor, value: torch.Tensor, changed: Optional[torch.Tensor]) -> None:
-    """``target <- value`` for the tensors of the stack where ``changed`` (None: all of them)."""
-    if changed is not None and not bool(changed.all()):
-        value = torch.where(changed.reshape(changed.shape + (1,) * (target.dim() - changed.dim())), value, target)
-    target.copy_(value)
+def _copy_where_(target: torch.Tensor, value: torch.Tensor, changed: torch.Tensor) -> None:
+    """``target <- value`` for the tensors of the stack where ``changed`` (a device mask: no host read)."""
+    target.copy_(torch.where(changed.reshape(changed.shape + (1,) * (target.dim() - changed.dim())), value, target))
 
 
 def permute_axes_(x: torch.Tensor, orders: Orders, batch_dims: int = 0) -> None:
