@@ -83,7 +83,6 @@ def candidates(family: str, steps: int) -> Dict[str, Tuple[str, Any, Dict[str, A
         cls = soap_optim.SOAP
         return {
             "defaults": ("SOAP defaults", cls, {}),
-            "rotate-v": ("+ rotate_second_moment", cls, dict(rotate_second_moment=True)),
             "tolerance": ("+ refresh_tolerance 0.05", cls, dict(refresh_tolerance=0.05)),
         }
     if family == "shampoo":

@@ -141,10 +141,6 @@ class SOAP(SoapOptimizerBase):
             are and the QR is skipped. Makes a frequent ``precondition_frequency`` cheap once the
             bases settle. Deciding which QRs to skip reads the device (one host sync per bucket and
             preconditioned axis on refresh steps); with ``0`` a refresh reads nothing.
-        rotate_second_moment: on a refresh, carry :math:`v` to the new basis as a diagonal,
-            :math:`v \leftarrow v \times_k (Q_k^{\text{old}\top} Q_k^{\text{new}})^{\circ 2}`
-            (HeavyBall's "variance rotation"), instead of only permuting it as the reference does.
-            Not with ``factorized``.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
@@ -195,7 +191,6 @@ class SOAP(SoapOptimizerBase):
         fused: Optional[bool] = None,
         rotation_precision: str = "fp32",
         refresh_tolerance: float = 0.0,
-        rotate_second_moment: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -221,7 +216,6 @@ class SOAP(SoapOptimizerBase):
             fused=fused,
             rotation_precision=rotation_precision,
             refresh_tolerance=refresh_tolerance,
-            rotate_second_moment=rotate_second_moment,
         )
         super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
@@ -242,11 +236,14 @@ class SOAP(SoapOptimizerBase):
         check_positive_int("precondition_frequency", group["precondition_frequency"])
         check_non_negative("refresh_tolerance", group["refresh_tolerance"])
         check_plan_options(group)
-        for flag in ("normalize_grads", "correct_bias", "factorized", "rotate_second_moment"):
+        for flag in ("normalize_grads", "correct_bias", "factorized"):
             check_bool(flag, group[flag])
-        if group["rotate_second_moment"] and group["factorized"]:
-            raise ValueError("rotate_second_moment needs the full second moment; factorized=True keeps row and "
-                             "column sums (use one of the two)")
+        if group.get("rotate_second_moment", False) is not False:  # a param group saved by an older version
+            raise ValueError(
+                "rotate_second_moment was removed: carrying the second moment to a refreshed basis did not "
+                "measurably help any benchmark task (benchmarks/README.md); a checkpoint that used it cannot "
+                "be continued as it was. Set param_group['rotate_second_moment'] = False to continue with the "
+                "second moment permuted as the reference does.")
         for flag in ("foreach", "fused"):
             if group[flag] is not None:
                 check_bool(flag, group[flag])
@@ -467,12 +464,11 @@ def _refresh_stack_(
 ) -> None:
     """Refresh a stack's bases ([B, d, d], None for an axis without one) and carry its moments ([B, *merged])
     to them: the full second moment, or the row and column sums (``second_moments``), permuted with the
-    columns or, with ``rotate_second_moment``, rotated. ``rows``: only these members of the stack (those
+    columns. ``rows``: only these members of the stack (those
     due, in a bucket whose members are at different steps), gathered into one smaller stack and written
     back. ``install(axis, new_stack)``: puts a new basis in place of copying it into the old one.
     Everything is computed before anything is written, so an exception leaves the stack as it was (see
     ``pending_writes``)."""
-    rotate = group["rotate_second_moment"]
     moments = [exp_avg, *second_moments]
     if rows is None:
         old_bases, carried = list(bases), [moment.clone() for moment in moments]
@@ -482,18 +478,14 @@ def _refresh_stack_(
         old_bases = [None if b is None else b.index_select(0, index) for b in bases]
         carried = [moment.index_select(0, index) for moment in moments]
     new_bases = list(old_bases)
-    orders = refresh_bases_(
-        factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"],
-        exp_avg_sq=carried[1] if rotate else None,
-    )
+    orders = refresh_bases_(factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"])
     if all(order is None for order in orders):
         return
-    if not rotate:  # carried to the new bases inside refresh_bases_
-        if len(second_moments) == 1:
-            permute_axes_(carried[1], orders, batch_dims=1)
-        else:
-            permute_axes_(carried[1], orders[:1], batch_dims=1)
-            permute_axes_(carried[2], orders[1:], batch_dims=1)
+    if len(second_moments) == 1:
+        permute_axes_(carried[1], orders, batch_dims=1)
+    else:
+        permute_axes_(carried[1], orders[:1], batch_dims=1)
+        permute_axes_(carried[2], orders[1:], batch_dims=1)
     def write(target: torch.Tensor, value: torch.Tensor) -> None:
         if rows is None:
             target.copy_(value)

@@ -212,7 +212,7 @@ SCHEDULERS = (
 # written before they existed lacks them, and loading must fill in the defaults
 _NEW_FLAGS = ("maximize", "orthograd", "state_dtype", "foreach", "fused")
 _SOAP_NEW_FLAGS = _NEW_FLAGS + (
-    "one_sided", "one_sided_dim", "factorized", "rotation_precision", "refresh_tolerance", "rotate_second_moment",
+    "one_sided", "one_sided_dim", "factorized", "rotation_precision", "refresh_tolerance",
 )
 
 _COMMON = dict(supports_complex=False, supports_sparse=False, scheduler_inputs=(SCHEDULERS,))
@@ -266,7 +266,7 @@ OPTIM_INFOS: List[SoapOptimizerInfo] = [
     _soap_info("soap-for-loop", {"foreach": False}),
     _soap_info("soap-precondition_1d", {"precondition_1d": True}),
     _soap_info("soap-merge_dims", {"merge_dims": True}),
-    _soap_info("soap-rotate_second_moment-refresh_tolerance", {"rotate_second_moment": True, "refresh_tolerance": 0.05}),
+    _soap_info("soap-refresh_tolerance", {"refresh_tolerance": 0.05}),
     SoapOptimizerInfo(
         Shampoo,
         variant="shampoo",

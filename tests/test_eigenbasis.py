@@ -286,32 +286,6 @@ def test_refresh_with_a_tolerance_rotates_the_first_moment_only_where_a_basis_ch
     assert torch.equal(orders[0][0], torch.arange(6)) and orders[1] is None
 
 
-def test_second_moment_carried_to_new_bases_against_float64_recomputation():
-    from soap_optim.eigenbasis.moments import rotated_second_moment
-
-    old = [_random_orthonormal(5, 1).float(), None, _random_orthonormal(3, 2).float()]
-    new = [_random_orthonormal(5, 3).float(), None, _random_orthonormal(3, 4).float()]
-    v = torch.rand(5, 4, 3, generator=torch.Generator().manual_seed(0))
-    left = (old[0].double().T @ new[0].double()) ** 2
-    right = (old[2].double().T @ new[2].double()) ** 2
-    expected = torch.einsum("ibk,ij,kl->jbl", v.double(), left, right)
-    got = rotated_second_moment(v, old, new)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
-    # a convex combination per axis: the total is kept and nothing goes negative
-    torch.testing.assert_close(got.sum(), v.sum(), rtol=1e-5, atol=0)
-    assert bool((got >= 0).all())
-
-
-def test_second_moment_carried_through_a_pure_reordering_is_the_permutation():
-    from soap_optim.eigenbasis.moments import rotated_second_moment
-
-    basis = _random_orthonormal(6, 5).float()
-    order = torch.tensor([3, 0, 5, 1, 4, 2])
-    v = torch.rand(6, 4, generator=torch.Generator().manual_seed(1))
-    got = rotated_second_moment(v, [basis, None], [basis[:, order], None])
-    torch.testing.assert_close(got, v[order], rtol=1e-5, atol=1e-6)
-
-
 def test_a_non_finite_factor_in_a_stack_keeps_only_its_own_basis_and_moment(monkeypatch):
     """Per matrix, on the device: the bad factor's tensor keeps its basis (identity order) and its first
     moment bit for bit; the others refresh exactly as they would alone."""

@@ -76,7 +76,7 @@ CONFIGS = {
     "one-at-a-time": {"foreach": False},
     "factorized": {"factorized": True, "normalize_grads": True},
     "merged-1d": {"merge_dims": True, "precondition_1d": True, "max_precond_dim": 5},
-    "rotate-second-moment": {"rotate_second_moment": True, "weight_decay": 0.1},
+    "tolerance-decay": {"refresh_tolerance": 0.05, "weight_decay": 0.1},
 }
 
 

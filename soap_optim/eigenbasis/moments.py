@@ -25,7 +25,6 @@ def refresh_bases_(
     exp_avg: Optional[torch.Tensor] = None,
     batch_dims: int = 0,
     tolerance: float = 0.0,
-    exp_avg_sq: Optional[torch.Tensor] = None,
 ) -> Orders:
     """In place: refresh every basis that has a factor and rotate ``exp_avg`` into the new bases.
 
@@ -36,8 +35,6 @@ def refresh_bases_(
     ``tolerance`` > 0: only bases that drifted more than that from their factor's eigenbasis are
     refreshed (see ``bases.basis_drift``). A tensor none of whose bases changed (settled, or a fallback of
     ``bases``) keeps ``exp_avg`` bit for bit: decided per tensor on the device, with no host read.
-    ``exp_avg_sq`` (a full second moment, same layout): carried to the new bases too, by
-    :func:`rotated_second_moment`, instead of being left for the caller to permute by the orders.
     """
     old_bases = list(bases)
     orders: Orders = [None] * len(bases)
@@ -55,27 +52,7 @@ def refresh_bases_(
         return orders
     if exp_avg is not None:
         _copy_where_(exp_avg, project(project_back(exp_avg, old_bases, batch_dims), bases, batch_dims), changed)
-    if exp_avg_sq is not None:
-        _copy_where_(exp_avg_sq, rotated_second_moment(exp_avg_sq, old_bases, bases, batch_dims), changed)
     return orders
-
-
-def rotated_second_moment(
-    exp_avg_sq: torch.Tensor, old_bases: Sequence[Optional[torch.Tensor]],
-    new_bases: Sequence[Optional[torch.Tensor]], batch_dims: int = 0,
-) -> torch.Tensor:
-    """The second moment carried to the new bases as a diagonal: v x_k (O_k^T Q_k)^{o2} on every axis.
-
-    Entry (j, ..) of the result is sum_i (o_i . q_j)^2 v_(i, ..): the variance of the new coordinate j if
-    the old coordinates were uncorrelated with variances v (the "variance rotation" of HeavyBall's SOAP).
-    Each column of (O^T Q)^{o2} sums to 1, so the result is a convex combination of v's entries: finite
-    and non-negative. Every axis with a basis is carried, changed or not (as ``exp_avg`` is), so a
-    tensor's result does not depend on whether other tensors of its stack refreshed that axis.
-    """
-    transitions = [
-        None if old is None or new is None else (old.mT @ new).square() for old, new in zip(old_bases, new_bases)
-    ]
-    return project(exp_avg_sq, transitions, batch_dims)
 
 
 def _copy_where_(target: torch.Tensor, value: torch.Tensor, changed: torch.Tensor) -> None:
