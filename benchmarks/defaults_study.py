@@ -85,6 +85,15 @@ def candidates(family: str, steps: int) -> Dict[str, Tuple[str, Any, Dict[str, A
             "defaults": ("SOAP defaults", cls, {}),
             "rotate-v": ("+ rotate_second_moment", cls, dict(rotate_second_moment=True)),
             "tolerance": ("+ refresh_tolerance 0.05", cls, dict(refresh_tolerance=0.05)),
+            "kl": ("+ factor_update kl (KL-SOAP)", cls, dict(factor_update="kl")),
+        }
+    if family == "shampoo-variants":  # each flag alone on Shampoo's class defaults
+        cls = soap_optim.Shampoo
+        return {
+            "defaults": ("Shampoo defaults", cls, {}),
+            "kl": ("+ factor_update kl (KL-Shampoo, adam grafting)", cls, dict(factor_update="kl")),
+            "kl-nograft": ("+ factor_update kl, grafting none (the paper's KL-Shampoo)", cls,
+                           dict(factor_update="kl", grafting="none")),
         }
     if family == "shampoo":
         cls = soap_optim.Shampoo
@@ -154,7 +163,7 @@ def markdown(results: Dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=("soap", "soap-variants", "shampoo"), default="soap")
+    parser.add_argument("--family", choices=("soap", "soap-variants", "shampoo", "shampoo-variants"), default="soap")
     parser.add_argument("--tasks", default="lm,digits,finetune,lstsq")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--grid", default="1,2.5,6", help="lr multiples of each task's shared lr")

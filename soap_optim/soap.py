@@ -21,6 +21,13 @@ from .eigenbasis import (
     without_overflowing_grams,
     zero_factors,
 )
+from .eigenbasis.kl import (
+    eigenbasis_whiteners,
+    estimates_of,
+    initial_kl_factors_,
+    kl_factor_ema_,
+    store_eigenvalues_,
+)
 from .buckets import flat_state, own_storage, stacked_state
 from .dispatch import get_ops, resolve_ops
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
@@ -38,6 +45,10 @@ from .validation import (
 # Inputs of the rotation products on the batched/fused path; accumulation is always float32
 # (soap_optim.kernels.reference says what each rounds, the README what each costs).
 ROTATION_PRECISIONS = ("fp32", "tf32x3", "tf32", "bf16")
+
+# How the Kronecker factors are updated: Shampoo's Gram matrices, or the KL-minimizing whitened ones
+# (soap_optim.eigenbasis.kl).
+FACTOR_UPDATES = ("gram", "kl")
 
 
 class SOAP(SoapOptimizerBase):
@@ -141,13 +152,35 @@ class SOAP(SoapOptimizerBase):
             :math:`v \leftarrow v \times_k (Q_k^{\text{old}\top} Q_k^{\text{new}})^{\circ 2}`
             (HeavyBall's "variance rotation"), instead of only permuting it as the reference does.
             Not with ``factorized``.
+        factor_update: ``"gram"`` (default): :math:`F_k` accumulates the mode-k Gram matrices as above.
+            ``"kl"``: KL-SOAP (Lin et al., 2025, "Understanding and Improving Shampoo and SOAP via KL
+            Minimization"): each factor accumulates its Gram matrix whitened by the other factors'
+            inverses, all taken before the step's update,
+
+            .. math::
+                F_k \leftarrow \beta_s F_k + (1-\beta_s) \tfrac{d_k}{N}
+                    G_{(k)} \big(\textstyle\bigotimes_{j \ne k} F_j^{-1}\big) G_{(k)}^\top
+                \quad (\text{a matrix: } L \leftarrow \beta_s L + \tfrac{1-\beta_s}{n} G R^{-1} G^\top,\
+                R \leftarrow \beta_s R + \tfrac{1-\beta_s}{m} G^\top L^{-1} G)
+
+            with :math:`F_j^{-1} \approx Q_j \mathrm{diag}(\lambda_j)^{-1} Q_j^\top`, :math:`\lambda_j` the
+            estimates :math:`\mathrm{diag}(Q_j^\top F_j Q_j)` of the last basis computation (state
+            ``eigenvalues``; the refresh's power-step estimates, re-ordered like the columns), clamped
+            below at 1e-6 of their largest. The first update starts from isotropic factors
+            :math:`\rho I` whose Kronecker product has the first gradient's mean square
+            (``soap_optim.eigenbasis.kl`` says why scale and isotropy matter). Everything else is SOAP's. Costs
+            one more mode product per pair of axes per step and one more :math:`F Q` per refresh;
+            every path (one-parameter, batched, fused: the kernels' factor op is fed the whitened
+            unfoldings), ``one_sided`` (a single factor: its Gram matrix, scaled) and ``factorized``.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
     (``exp_avg_sq_row`` and ``exp_avg_sq_col`` instead of ``exp_avg_sq`` when factorized),
     ``factors`` and ``bases`` (one d x d matrix per merged axis, ``None`` where the axis is not
-    preconditioned). All floating state is float32 (float64 for float64 parameters), whatever the
-    parameter dtype, and stays so across ``load_state_dict``.
+    preconditioned), and under ``factor_update="kl"`` ``eigenvalues`` (one [d] vector per factor;
+    a checkpoint without them estimates them from factors and bases at the next step). All floating
+    state is float32 (float64 for float64 parameters), whatever the parameter dtype, and stays so
+    across ``load_state_dict``.
 
     Non-finite gradients raise ``FloatingPointError`` naming the parameter, before anything is
     modified (``torch.amp.GradScaler`` never calls ``step`` with them, so mixed precision is fine); so
@@ -192,6 +225,7 @@ class SOAP(SoapOptimizerBase):
         rotation_precision: str = "fp32",
         refresh_tolerance: float = 0.0,
         rotate_second_moment: bool = False,
+        factor_update: str = "gram",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -218,6 +252,7 @@ class SOAP(SoapOptimizerBase):
             rotation_precision=rotation_precision,
             refresh_tolerance=refresh_tolerance,
             rotate_second_moment=rotate_second_moment,
+            factor_update=factor_update,
         )
         super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
@@ -225,6 +260,7 @@ class SOAP(SoapOptimizerBase):
         "max_precond_dim", "merge_dims", "precondition_1d", "data_format", "one_sided", "one_sided_dim",
         "factorized", "state_dtype",
     )
+    _optional_state_keys = ("eigenvalues",)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -247,11 +283,14 @@ class SOAP(SoapOptimizerBase):
             if group[flag] is not None:
                 check_bool(flag, group[flag])
         check_choice("rotation_precision", group["rotation_precision"], ROTATION_PRECISIONS)
+        check_choice("factor_update", group["factor_update"], FACTOR_UPDATES)
 
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         plan = plan_for(param, group)
         matrices = [None if d is None else (d, d) for d in plan.factor_dims]
         shapes = {"exp_avg": plan.merged_shape, "factors": matrices, "bases": matrices}
+        if group["factor_update"] == "kl":  # optional: estimated from factors and bases when missing
+            shapes["eigenvalues"] = [None if d is None else (d,) for d in plan.factor_dims]
         if _is_factored(plan, group):
             shapes["exp_avg_sq_row"], shapes["exp_avg_sq_col"] = plan.merged_shape[:1], plan.merged_shape[1:]
         else:
@@ -281,7 +320,10 @@ class SOAP(SoapOptimizerBase):
         numel = math.prod(plan.merged_shape)
         dims = [d for d in plan.factor_dims if d is not None]
         refresh = sum(4 * d**3 + 2 * numel * d for d in dims) / hyper["precondition_frequency"]
-        return 3 * numel * sum(dims) + refresh + 10 * numel
+        cost = 3 * numel * sum(dims) + refresh + 10 * numel
+        if hyper["factor_update"] == "kl":  # whitening by the other factors; F Q for the estimates
+            cost += (len(dims) - 1) * numel * sum(dims) + sum(d**3 for d in dims) / hyper["precondition_frequency"]
+        return cost
 
     # _max_grad_norm: the base's sqrt(max)/2. The rotation's partial sums are bounded by ||G||_F (orthonormal
     # columns, Cauchy-Schwarz), so the rotated entries, their squares and every EMA stay finite below it.
@@ -289,14 +331,16 @@ class SOAP(SoapOptimizerBase):
     def _step_group(self, group: Dict[str, Any], slots: List[Slot], screen: Screen) -> None:
         guard = screen.grams_may_overflow
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
+        kl = group["factor_update"] == "kl"
         ready = []
         for slot in slots:
             plan = plan_of(slot, group)
             grad = plan.to_merged(slot.grad)
             state = slot.state
             if not state:
-                _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard)
+                _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard, kl=kl)
             else:
+                _match_eigenvalues(state, kl)
                 ready.append(_Item(slot.param, grad, state, plan))
         steps = advance_steps([item.state for item in ready])
         if group["foreach"] is False:
@@ -351,9 +395,11 @@ def _is_factored(plan: Plan, group: Dict[str, Any]) -> bool:
 
 
 def _init_state(
-    state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float, factored: bool, guard: bool = True
+    state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float, factored: bool, guard: bool = True,
+    kl: bool = False,
 ) -> None:
-    """First step for a parameter: build factors and the first bases from ``grad``; no update."""
+    """First step for a parameter: build factors and the first bases from ``grad``; no update. Under the KL
+    factor update the factors start balanced and the eigenvalues are the first bases' (see ``eigenbasis.kl``)."""
     state["step"] = new_step_count()
     # contiguous whatever the gradient's strides (a channels_last merge gives a permuted view)
     state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
@@ -363,8 +409,30 @@ def _init_state(
     else:
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
     state["factors"] = zero_factors(plan.factor_dims, dtype=grad.dtype, device=grad.device)
-    update_factors_(state["factors"], grad, shampoo_beta, guard)
+    if kl:
+        initial_kl_factors_(
+            _as_batch_of_one(state["factors"]), grad.unsqueeze(0), shampoo_beta, get_ops(False).factor_ema_
+        )
+    else:
+        update_factors_(state["factors"], grad, shampoo_beta, guard)
     state["bases"] = [None if f is None else initial_basis(f) for f in state["factors"]]
+    if kl:
+        state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
+
+
+def _match_eigenvalues(state: Dict[str, Any], kl: bool) -> None:
+    """``state["eigenvalues"]`` exists exactly under the KL factor update: estimated from the factors and
+    bases where it is missing (a checkpoint from before it, or a group switched to "kl"), dropped otherwise
+    (so that a later switch back re-estimates instead of using stale values)."""
+    if not kl:
+        state.pop("eigenvalues", None)
+    elif "eigenvalues" not in state:
+        state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
+
+
+def _whiteners(bases, eigenvalues: Optional[List[Optional[torch.Tensor]]]):
+    """The KL update's whiteners Q diag(lambda)^{-1/2}, or None for the Gram update (no eigenvalues)."""
+    return None if eigenvalues is None else eigenbasis_whiteners(bases, eigenvalues)
 
 
 def soap_update_(
@@ -397,7 +465,11 @@ def soap_update_(
 
     # a batch of one through the bucket path's factor op, so that both paths accumulate the same bits
     factor_grad = without_overflowing_grams(grad) if guard else grad
-    _bucket_factor_ema_(_as_batch_of_one(state["factors"]), factor_grad.unsqueeze(0), shampoo_beta, get_ops(False))
+    eigenvalues = state.get("eigenvalues")
+    whiteners = None if eigenvalues is None else _whiteners(_as_batch_of_one(bases), _as_batch_of_one(eigenvalues))
+    _bucket_factor_ema_(
+        _as_batch_of_one(state["factors"]), factor_grad.unsqueeze(0), shampoo_beta, get_ops(False), whiteners
+    )
     _maybe_refresh_(state, step, group)
 
 
@@ -434,11 +506,15 @@ def _maybe_refresh_(state: Dict[str, Any], step: int, group: Dict[str, Any]) -> 
     if step % group["precondition_frequency"] != 0:
         return
     bases = _as_batch_of_one(state["bases"])
+    factors = _as_batch_of_one(state["factors"])
     rotate = group["rotate_second_moment"]
+    estimates = estimates_of(factors, bases) if "eigenvalues" in state else None
     orders = refresh_bases_(
-        _as_batch_of_one(state["factors"]), bases, state["exp_avg"].unsqueeze(0), batch_dims=1,
+        factors, bases, state["exp_avg"].unsqueeze(0), batch_dims=1,
         tolerance=group["refresh_tolerance"], exp_avg_sq=state["exp_avg_sq"].unsqueeze(0) if rotate else None,
     )
+    if estimates is not None:
+        store_eigenvalues_(_as_batch_of_one(state["eigenvalues"]), estimates, orders)
     for axis, (basis, order) in enumerate(zip(bases, orders)):
         if order is not None:
             state["bases"][axis] = basis[0]
@@ -471,6 +547,10 @@ def soap_bucket_update_(
     batch = len(items)
     stacked_bases = [stacked_state(states, "bases", k) if p else None for k, p in enumerate(preconditioned)]
     stacked_factors = [stacked_state(states, "factors", k) if p else None for k, p in enumerate(preconditioned)]
+    kl = "eigenvalues" in states[0]  # all or none: see _match_eigenvalues
+    stacked_eigenvalues = (
+        [stacked_state(states, "eigenvalues", k) if p else None for k, p in enumerate(preconditioned)] if kl else None
+    )
     grads = torch.stack([item.grad for item in items]).contiguous()  # stack keeps permuted strides
     exp_avg = stacked_state(states, "exp_avg")
     exp_avg_sq = stacked_state(states, "exp_avg_sq")
@@ -501,7 +581,7 @@ def soap_bucket_update_(
         decay=float(group["lr"]) * group["weight_decay"], normalize=group["normalize_grads"], precision=precision,
     )
     factor_grads = without_overflowing_grams(grads, batch_dims=1) if guard else grads
-    _bucket_factor_ema_(stacked_factors, factor_grads, shampoo_beta, ops)
+    _bucket_factor_ema_(stacked_factors, factor_grads, shampoo_beta, ops, _whiteners(stacked_bases, stacked_eigenvalues))
     for index, item in enumerate(items):
         item.param.copy_(item.plan.from_merged(params[index]))
 
@@ -511,10 +591,13 @@ def soap_bucket_update_(
         # the whole bucket refreshes at once: one batched QR per axis, bases rewritten in place
         bases = list(stacked_bases)
         rotate = group["rotate_second_moment"]
+        estimates = estimates_of(stacked_factors, stacked_bases) if kl else None
         orders = refresh_bases_(
             stacked_factors, bases, exp_avg, batch_dims=1, tolerance=group["refresh_tolerance"],
             exp_avg_sq=exp_avg_sq if rotate else None,
         )
+        if estimates is not None:
+            store_eigenvalues_(stacked_eigenvalues, estimates, orders)
         if not rotate:
             permute_axes_(exp_avg_sq, orders, batch_dims=1)
         for stack, new in zip(stacked_bases, bases):
@@ -551,12 +634,18 @@ def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_bet
     return rest
 
 
-def _bucket_factor_ema_(factors: List[Optional[torch.Tensor]], grads: torch.Tensor, beta: float, ops) -> None:
+def _bucket_factor_ema_(
+    factors: List[Optional[torch.Tensor]], grads: torch.Tensor, beta: float, ops, whiteners=None
+) -> None:
     """F_k <- beta F_k + (1 - beta) C_k for a [B, *merged] stack, through the fused factor op.
 
     A matrix updates both factors in one call; for K >= 3 axes, axis k's Gram matrix is the left
-    factor of the [B, d_k, rest] unfolding.
+    factor of the [B, d_k, rest] unfolding. With ``whiteners`` (the KL update), C_k is the Gram matrix
+    of the whitened unfolding (``eigenbasis.kl``), through the same op one factor at a time.
     """
+    if whiteners is not None:
+        kl_factor_ema_(factors, grads, whiteners, beta, ops.factor_ema_)
+        return
     if grads.dim() == 3:
         ops.factor_ema_(factors[0], factors[1], grads, beta)
         return
