@@ -92,8 +92,8 @@ def candidates(family: str, steps: int) -> Dict[str, Tuple[str, Any, Dict[str, A
         return {
             "defaults": ("Shampoo defaults", cls, {}),
             "kl": ("+ factor_update kl (KL-Shampoo, adam grafting)", cls, dict(factor_update="kl")),
-            "kl-nograft": ("+ factor_update kl, grafting none (the paper's KL-Shampoo)", cls,
-                           dict(factor_update="kl", grafting="none")),
+            "kl-nograft": ("+ factor_update kl, grafting none, preconditioned from step 1 (the paper's)", cls,
+                           dict(factor_update="kl", grafting="none", start_preconditioning_step=1)),
         }
     if family == "shampoo":
         cls = soap_optim.Shampoo
