@@ -220,7 +220,8 @@ for _name, _extra in [
             hparams={**_SHAMPOO_HPARAMS, **_extra},
             bad_cases=_SHAMPOO_BAD_CASES + [("factor_update", "whitened", "factor_update")],
             warmup_steps=0,
-            float32_state_keys=("exp_avg", "exp_avg_sq", "factors", "roots"),
+            float32_state_keys=("exp_avg", "factors", "roots")
+            + (("exp_avg_sq",) if _extra.get("grafting", "adam") in ("adam", "rmsprop") else ()),
         )
     )
 

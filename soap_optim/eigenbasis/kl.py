@@ -135,10 +135,12 @@ def kl_factor_ema_(
 
 def initial_kl_factors_(factors: Factors, grad: torch.Tensor, beta: float, factor_ema_) -> None:
     """In place, for a [B, *shape] stack: the first factors, one KL update from F_j = rho I with
-    rho = ms^{1/P} (module docstring), overwriting ``factors``; a member with a zero gradient gets zeros."""
+    rho = ms^{1/P} (module docstring), overwriting ``factors``; a member with a zero gradient, or one whose
+    Gram matrices could overflow (``without_overflowing_grams``), gets zeros."""
     count = sum(factor is not None for factor in factors)
     if count == 0:
         return
+    grad = without_overflowing_grams(grad, batch_dims=1)  # as the Gram path: such a gradient counts as zero
     dims = tuple(range(1, grad.dim()))
     mean_square = grad.double().square().mean(dim=dims)
     positive = mean_square > 0
