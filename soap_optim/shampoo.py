@@ -315,7 +315,10 @@ class Shampoo(SoapOptimizerBase):
         plan = plan_for_shape(shape, hyper)
         numel = math.prod(plan.merged_shape)
         dims = [d for d in plan.factor_dims if d is not None]
-        return 2 * numel * sum(dims) + sum(10 * d**3 for d in dims) / hyper["precondition_frequency"] + 10 * numel
+        cost = 2 * numel * sum(dims) + sum(10 * d**3 for d in dims) / hyper["precondition_frequency"] + 10 * numel
+        if hyper["factor_update"] == "kl":  # each factor's statistic whitened by the other roots
+            cost += (len(dims) - 1) * numel * sum(dims)
+        return cost
 
     def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
         """The base's limit for the "adam"/"rmsprop" grafts (they square the gradient); none for "sgd" and

@@ -211,7 +211,7 @@ _SHAMPOO_HPARAMS = dict(
 for _name, _extra in [
     ("shampoo", {}),
     ("shampoo-power-half-ema-rmsprop", {"exponent_override": 0.5, "shampoo_beta": 0.95, "grafting": "rmsprop"}),
-    ("shampoo-kl-no-graft", {"factor_update": "kl", "grafting": "none"}),
+    ("shampoo-kl", {"factor_update": "kl"}),
 ]:
     OPTIMIZERS.append(
         OptimizerEntry(
