@@ -168,10 +168,11 @@ class SOAP(SoapOptimizerBase):
             ``eigenvalues``; the refresh's power-step estimates, re-ordered like the columns), clamped
             below at 1e-6 of their largest. The first update starts from isotropic factors
             :math:`\rho I` whose Kronecker product has the first gradient's mean square
-            (``soap_optim.eigenbasis.kl`` says why scale and isotropy matter). Everything else is SOAP's. Costs
-            one more mode product per pair of axes per step and one more :math:`F Q` per refresh;
-            every path (one-parameter, batched, fused: the kernels' factor op is fed the whitened
-            unfoldings), ``one_sided`` (a single factor: its Gram matrix, scaled) and ``factorized``.
+            (``soap_optim.eigenbasis.kl`` says why scale and isotropy matter). Everything else is
+            SOAP's. Costs one more mode product per pair of axes per step and one more :math:`F Q` per
+            refresh. On every path (one-parameter, batched, fused: the kernels' factor op is fed the
+            whitened unfoldings), with ``one_sided`` (a single factor: its Gram matrix, scaled) and
+            ``factorized``.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
@@ -581,7 +582,8 @@ def soap_bucket_update_(
         decay=float(group["lr"]) * group["weight_decay"], normalize=group["normalize_grads"], precision=precision,
     )
     factor_grads = without_overflowing_grams(grads, batch_dims=1) if guard else grads
-    _bucket_factor_ema_(stacked_factors, factor_grads, shampoo_beta, ops, _whiteners(stacked_bases, stacked_eigenvalues))
+    whiteners = _whiteners(stacked_bases, stacked_eigenvalues)
+    _bucket_factor_ema_(stacked_factors, factor_grads, shampoo_beta, ops, whiteners)
     for index, item in enumerate(items):
         item.param.copy_(item.plan.from_merged(params[index]))
 

@@ -25,7 +25,9 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 KL = {
-    "soap-kl": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, factor_update="kl", **kw),
+    "soap-kl": lambda params, **kw: soap_optim.SOAP(
+        params, lr=1e-2, precondition_frequency=3, factor_update="kl", **kw
+    ),
     "soap-kl-merge-1d": lambda params, **kw: soap_optim.SOAP(
         params, lr=1e-2, precondition_frequency=3, merge_dims=True, precondition_1d=True, max_precond_dim=16,
         factor_update="kl", **kw

@@ -456,6 +456,7 @@ def test_fused_kernels_equal_pytorch_path(cls, options):
         torch.testing.assert_close(pf, pp, rtol=1e-5, atol=2e-5)
         for key, value in fused_opt.state[pf].items():
             other = plain_opt.state[pp][key]
-            for a, b in zip(value if isinstance(value, list) else [value], other if isinstance(other, list) else [other]):
+            pairs = zip(value, other) if isinstance(value, list) else [(value, other)]
+            for a, b in pairs:
                 if a is not None:
                     torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-5, msg=key)
