@@ -94,6 +94,8 @@ def candidates(family: str, steps: int) -> Dict[str, Tuple[str, Any, Dict[str, A
             "kl": ("+ factor_update kl (KL-Shampoo, adam grafting)", cls, dict(factor_update="kl")),
             "kl-nograft": ("+ factor_update kl, grafting none, preconditioned from step 1 (the paper's)", cls,
                            dict(factor_update="kl", grafting="none", start_preconditioning_step=1)),
+            "gram-nograft": ("grafting none, preconditioned from step 1, exponent 1/2 (kl-nograft's control)", cls,
+                             dict(grafting="none", start_preconditioning_step=1, exponent_override=0.5)),
         }
     if family == "shampoo":
         cls = soap_optim.Shampoo
