@@ -33,7 +33,9 @@ to eps, by 1/eps). The isotropic part matters as much: a Gram matrix of one grad
 <= N / d_k), and the next update whitens by its inverse, so any component of the next gradient
 outside its range would count 1/EIGENVALUE_FLOOR times (measured: eigenvalues 1e4 times the others'
 after 8 steps of a 6 x 5 matrix). With beta rho I the smallest eigenvalue starts at beta rho and the
-prior fades as beta^t, while the gradients fill the range. A zero gradient leaves the factors at zero.
+prior fades as beta^t, while the gradients fill the range (with beta = 1, Shampoo's running sums, the
+update adds instead: F_k = rho I + ..., and the prior stays, as Shampoo's eps I does). A zero gradient leaves
+the factors at zero.
 
 Eigenvalue estimates (SOAP): lambda_k = diag(Q_k^T F_k Q_k) at the last basis computation (the
 eigh at the first basis; at a refresh, the power step's estimates diag(O^T F O) in the old basis
