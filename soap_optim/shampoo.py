@@ -198,8 +198,9 @@ class Shampoo(SoapOptimizerBase):
             or 0.5), all from before the step's update; under KL the roots are also computed at step 1,
             after the first update, which starts from isotropic factors whose Kronecker product has the
             first gradient's mean square (``soap_optim.eigenbasis.kl`` says why). The paper runs
-            KL-Shampoo without grafting; here ``grafting`` stays what you set (``"none"`` for the
-            paper's method). Through the fused factor kernel where ``fused`` picks it (fed the
+            KL-Shampoo without grafting; here ``grafting`` stays what you set (the paper's method is
+            ``grafting="none", start_preconditioning_step=1``: on the benchmark's language model it beat
+            the defaults, while KL with Adam grafting did worse; ``benchmarks/README.md``). Through the fused factor kernel where ``fused`` picks it (fed the
             whitened unfoldings).
 
     State per parameter (merged layout): ``step``, ``exp_avg``, ``exp_avg_sq`` (adam/rmsprop
