@@ -200,8 +200,8 @@ class Shampoo(SoapOptimizerBase):
             first gradient's mean square (``soap_optim.eigenbasis.kl`` says why). The paper runs
             KL-Shampoo without grafting; here ``grafting`` stays what you set (the paper's method is
             ``grafting="none", start_preconditioning_step=1``: on the benchmark's language model it beat
-            the defaults, while KL with Adam grafting did worse; ``benchmarks/README.md``). Through the fused factor kernel where ``fused`` picks it (fed the
-            whitened unfoldings).
+            the defaults, while KL with Adam grafting did worse; ``benchmarks/README.md``). Through the
+            fused factor kernel where ``fused`` picks it (fed the whitened unfoldings).
 
     State per parameter (merged layout): ``step``, ``exp_avg``, ``exp_avg_sq`` (adam/rmsprop
     grafting only), ``factors`` and ``roots`` (one d x d matrix per axis, ``None`` for an axis that
