@@ -84,6 +84,17 @@ def candidates(family: str, steps: int) -> Dict[str, Tuple[str, Any, Dict[str, A
         return {
             "defaults": ("SOAP defaults", cls, {}),
             "tolerance": ("+ refresh_tolerance 0.05", cls, dict(refresh_tolerance=0.05)),
+            "kl": ("+ factor_update kl (KL-SOAP)", cls, dict(factor_update="kl")),
+        }
+    if family == "shampoo-variants":  # each flag alone on Shampoo's class defaults
+        cls = soap_optim.Shampoo
+        return {
+            "defaults": ("Shampoo defaults", cls, {}),
+            "kl": ("+ factor_update kl (KL-Shampoo, adam grafting)", cls, dict(factor_update="kl")),
+            "kl-nograft": ("+ factor_update kl, grafting none, preconditioned from step 1 (the paper's)", cls,
+                           dict(factor_update="kl", grafting="none", start_preconditioning_step=1)),
+            "gram-nograft": ("grafting none, preconditioned from step 1, exponent 1/2 (kl-nograft's control)", cls,
+                             dict(grafting="none", start_preconditioning_step=1, exponent_override=0.5)),
         }
     if family == "shampoo":
         cls = soap_optim.Shampoo
@@ -153,7 +164,7 @@ def markdown(results: Dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=("soap", "soap-variants", "shampoo"), default="soap")
+    parser.add_argument("--family", choices=("soap", "soap-variants", "shampoo", "shampoo-variants"), default="soap")
     parser.add_argument("--tasks", default="lm,digits,finetune,lstsq")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--grid", default="1,2.5,6", help="lr multiples of each task's shared lr")

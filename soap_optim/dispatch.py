@@ -61,6 +61,13 @@ def update_factors_maybe_fused_(
         update_factors_(factors, grad, beta, guard_overflow)
 
 
+def factor_ema_for(fused: Optional[bool], factors: Sequence[Optional[torch.Tensor]]):
+    """The factor op (``factor_ema_(factor, None, x, beta)``: F <- beta F + (1 - beta) x x^T on [B, ...] stacks)
+    that ``fused`` picks for these factors: the Triton kernel's or its PyTorch twin."""
+    present = [f for f in factors if f is not None]
+    return get_ops(bool(present) and wants_kernels(fused, present)).factor_ema_
+
+
 def fused_problem(tensors: Sequence[torch.Tensor], state_dtype: torch.dtype) -> Optional[str]:
     """Why ``fused=True`` cannot run for these parameters with state in ``state_dtype``, or None."""
     from . import kernels

@@ -240,6 +240,9 @@ class SoapOptimizerBase(torch.optim.Optimizer):
     # group options the state's layout depends on: changing one after state exists is an error
     _layout_keys: Tuple[str, ...] = ("state_dtype",)
 
+    # state keys a loaded entry may lack (older checkpoints); checked like the others when present
+    _optional_state_keys: Tuple[str, ...] = ()
+
     # the last step's Screen.grams_may_overflow, for inspection (the math gets the Screen itself)
     _gradients_may_overflow = True
 
@@ -907,6 +910,8 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 where = describe(group_index, param_index, param.shape)
                 shapes = distributed_checkpoint.global_view(value)
                 for key, expected in self._expected_state_shapes(param, hyper).items():
+                    if key in self._optional_state_keys and key not in shapes:
+                        continue  # an older checkpoint: the step rebuilds it
                     problem = _shape_mismatch(shapes.get(key), expected)
                     if problem is not None:
                         raise ValueError(f"loaded state does not match {where}: state[{key!r}]: {problem}")

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .dispatch import update_factors_maybe_fused_
+from .dispatch import factor_ema_for, update_factors_maybe_fused_
+from .eigenbasis.kl import initial_kl_factors_, kl_factor_ema_
 from .precision import full_float32_matmul
 from .eigenbasis.bases import ROOT_FACTOR, finite_matrices, note_fallback
 from .eigenbasis import (
@@ -40,6 +41,7 @@ from .validation import (
 )
 
 GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
+FACTOR_UPDATES = ("gram", "kl")
 
 
 @full_float32_matmul()
@@ -92,8 +94,11 @@ def root_eigenvalues(values: torch.Tensor, scale, exponent: float, matrix_eps: f
     return logs.clamp_(max=log_cap).exp_().to(values.dtype)
 
 
-def root_exponent(plan: Plan, exponent_override: Optional[float]) -> float:
-    """Exponent p applied to every factor, (F_1 (x) ... (x) F_K)^(-p): 1/(2K) unless overridden."""
+def root_exponent(plan: Plan, exponent_override: Optional[float], factor_update: str = "gram") -> float:
+    """Exponent p applied to every factor, (F_1 (x) ... (x) F_K)^(-p): 1/(2K) unless overridden; 1/2 under
+    the KL factor update, whose factors' Kronecker product estimates the second moment itself."""
+    if factor_update == "kl":
+        return 0.5
     if exponent_override is not None:
         return float(exponent_override)
     return 1.0 / (2 * sum(plan.preconditioned))
@@ -182,6 +187,23 @@ class Shampoo(SoapOptimizerBase):
         fused: the Kronecker factor update of 2-D (merged) tensors through the fused Triton kernel:
             ``None`` for CUDA tensors with float32 state when triton imports, ``True`` always (an error
             where it cannot run), ``False`` never.
+        factor_update: ``"gram"`` (default): the factors accumulate Gram matrices as above. ``"kl"``:
+            KL-Shampoo (Lin et al., 2025, "Understanding and Improving Shampoo and SOAP via KL
+            Minimization"): each factor accumulates its Gram matrix whitened by the other factors'
+            inverses, :math:`F_k \leftarrow \beta_s F_k + (1-\beta_s) \tfrac{d_k}{N} G_{(k)}
+            (\bigotimes_{j \ne k} F_j^{-1}) G_{(k)}^\top` (a matrix: :math:`L \leftarrow \beta_s L +
+            \tfrac{1-\beta_s}{n} G R^{-1} G^\top` and likewise for R), and the preconditioner is
+            :math:`(F_1 \otimes \dots \otimes F_K)^{-1/2}` (every factor to :math:`-1/2`, whatever K:
+            the factors' product now estimates the gradient's second moment itself, as Adam's
+            :math:`v` does). The inverses are the squares of the current roots
+            :math:`(F_j + \epsilon_F \lambda_{\max} I)^{-1/2}` (so ``exponent_override`` must be None
+            or 0.5), all from before the step's update; under KL the roots are also computed at step 1,
+            after the first update, which starts from isotropic factors whose Kronecker product has the
+            first gradient's mean square (``soap_optim.eigenbasis.kl`` says why). The paper runs
+            KL-Shampoo without grafting; here ``grafting`` stays what you set (the paper's method is
+            ``grafting="none", start_preconditioning_step=1``: on the benchmark's language model it beat
+            the defaults, while KL with Adam grafting did worse; ``benchmarks/README.md``). Through the
+            fused factor kernel where ``fused`` picks it (fed the whitened unfoldings).
 
     State per parameter (merged layout): ``step``, ``exp_avg``, ``exp_avg_sq`` (adam/rmsprop
     grafting only), ``factors`` and ``roots`` (one d x d matrix per axis, ``None`` for an axis that
@@ -222,6 +244,7 @@ class Shampoo(SoapOptimizerBase):
         process_group=None,
         shard_over_replicas: bool = False,
         fused: Optional[bool] = None,
+        factor_update: str = "gram",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -243,6 +266,7 @@ class Shampoo(SoapOptimizerBase):
             state_dtype=state_dtype,
             skip_nonfinite_grads=skip_nonfinite_grads,
             fused=fused,
+            factor_update=factor_update,
         )
         super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
@@ -269,6 +293,12 @@ class Shampoo(SoapOptimizerBase):
         check_choice("grafting", group["grafting"], GRAFTINGS)
         check_plan_options(group)
         check_choice("fused", group["fused"], (None, True, False))
+        check_choice("factor_update", group["factor_update"], FACTOR_UPDATES)
+        if group["factor_update"] == "kl" and exponent not in (None, 0.5):
+            raise ValueError(
+                f"Invalid exponent_override: {exponent!r} with factor_update='kl' (KL-Shampoo raises every "
+                f"factor to -1/2 and whitens the factor updates with the squares of those roots: use None or 0.5)"
+            )
 
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         plan = plan_for(param, group)
@@ -288,7 +318,10 @@ class Shampoo(SoapOptimizerBase):
         plan = plan_for_shape(shape, hyper)
         numel = math.prod(plan.merged_shape)
         dims = [d for d in plan.factor_dims if d is not None]
-        return 2 * numel * sum(dims) + sum(10 * d**3 for d in dims) / hyper["precondition_frequency"] + 10 * numel
+        cost = 2 * numel * sum(dims) + sum(10 * d**3 for d in dims) / hyper["precondition_frequency"] + 10 * numel
+        if hyper["factor_update"] == "kl":  # each factor's statistic whitened by the other roots
+            cost += (len(dims) - 1) * numel * sum(dims)
+        return cost
 
     def _max_grad_norm(self, shape: torch.Size, hyper: Dict[str, Any], dtype: torch.dtype) -> float:
         """The base's limit for the "adam"/"rmsprop" grafts (they square the gradient); none for "sgd" and
@@ -343,18 +376,31 @@ def shampoo_direction_(
     if not plan.is_preconditioned:
         return momentum if graft is None else graft
     factors, roots = state["factors"], state["roots"]
-    if group["shampoo_beta"] == 1:
+    beta_s = group["shampoo_beta"]
+    if beta_s == 1:
         halve_saturating_sums_(factors)
-    update_factors_maybe_fused_(factors, grad, group["shampoo_beta"], group["fused"], guard_overflow)
+    kl = group["factor_update"] == "kl"
+    if kl:
+        # the roots are (F + eps I)^{-1/2}: their squares are the inverses the KL update whitens with
+        rows = [None if f is None else f.unsqueeze(0) for f in factors]  # views: updated in place
+        factor_ema_ = factor_ema_for(group["fused"], factors)
+        if step == 1:
+            initial_kl_factors_(rows, grad.unsqueeze(0), beta_s, factor_ema_)
+        else:
+            whiteners = [None if r is None else r.unsqueeze(0) for r in roots]
+            kl_factor_ema_(rows, grad.unsqueeze(0), whiteners, beta_s, factor_ema_)
+    else:
+        update_factors_maybe_fused_(factors, grad, beta_s, group["fused"], guard_overflow)
     start = group["start_preconditioning_step"]
-    if step < start:
-        return momentum if graft is None else graft
-    if (step - start) % group["precondition_frequency"] == 0:
-        exponent = root_exponent(plan, group["exponent_override"])
+    due = step >= start and (step - start) % group["precondition_frequency"] == 0
+    if due or (kl and step == 1):  # KL: the first factors' roots whiten the updates until t0
+        exponent = root_exponent(plan, group["exponent_override"], group["factor_update"])
         for axis, factor in enumerate(factors):
             if factor is None:
                 continue
             roots[axis] = inverse_root(factor, exponent, group["matrix_eps"], previous=roots[axis])
+    if step < start:
+        return momentum if graft is None else graft
     direction = project(momentum, roots)  # roots are symmetric: project == project_back
     if graft is None:
         return direction

@@ -22,6 +22,13 @@ from .eigenbasis import (
     without_overflowing_grams,
     zero_factors,
 )
+from .eigenbasis.kl import (
+    eigenbasis_whiteners,
+    estimates_of,
+    initial_kl_factors_,
+    new_eigenvalues,
+    whitened_unfoldings,
+)
 from .buckets import flat_state, own_storage, stacked_state
 from .dispatch import get_ops, resolve_ops
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
@@ -40,6 +47,10 @@ from .validation import (
 # Inputs of the rotation products on the batched/fused path; accumulation is always float32
 # (soap_optim.kernels.reference says what each rounds, the README what each costs).
 ROTATION_PRECISIONS = ("fp32", "tf32x3", "tf32", "bf16")
+
+# How the Kronecker factors are updated: Shampoo's Gram matrices, or the KL-minimizing whitened ones
+# (soap_optim.eigenbasis.kl).
+FACTOR_UPDATES = ("gram", "kl")
 
 
 class SOAP(SoapOptimizerBase):
@@ -141,13 +152,36 @@ class SOAP(SoapOptimizerBase):
             are and the QR is skipped. Makes a frequent ``precondition_frequency`` cheap once the
             bases settle. Deciding which QRs to skip reads the device (one host sync per bucket and
             preconditioned axis on refresh steps); with ``0`` a refresh reads nothing.
+        factor_update: ``"gram"`` (default): :math:`F_k` accumulates the mode-k Gram matrices as above.
+            ``"kl"``: KL-SOAP (Lin et al., 2025, "Understanding and Improving Shampoo and SOAP via KL
+            Minimization"): each factor accumulates its Gram matrix whitened by the other factors'
+            inverses, all taken before the step's update,
+
+            .. math::
+                F_k \leftarrow \beta_s F_k + (1-\beta_s) \tfrac{d_k}{N}
+                    G_{(k)} \big(\textstyle\bigotimes_{j \ne k} F_j^{-1}\big) G_{(k)}^\top
+                \quad (\text{a matrix: } L \leftarrow \beta_s L + \tfrac{1-\beta_s}{n} G R^{-1} G^\top,\
+                R \leftarrow \beta_s R + \tfrac{1-\beta_s}{m} G^\top L^{-1} G)
+
+            with :math:`F_j^{-1} \approx Q_j \mathrm{diag}(\lambda_j)^{-1} Q_j^\top`, :math:`\lambda_j` the
+            estimates :math:`\mathrm{diag}(Q_j^\top F_j Q_j)` of the last basis computation (state
+            ``eigenvalues``; the refresh's power-step estimates, re-ordered like the columns), clamped
+            below at 1e-6 of their largest. The first update starts from isotropic factors
+            :math:`\rho I` whose Kronecker product has the first gradient's mean square
+            (``soap_optim.eigenbasis.kl`` says why scale and isotropy matter). Everything else is
+            SOAP's. Costs one more mode product per pair of axes per step and one more :math:`F Q` per
+            refresh. On every path (one-parameter, batched, fused: the kernels' factor op is fed the
+            whitened unfoldings), with ``one_sided`` (a single factor: its Gram matrix, scaled) and
+            ``factorized``.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
     (``exp_avg_sq_row`` and ``exp_avg_sq_col`` instead of ``exp_avg_sq`` when factorized),
     ``factors`` and ``bases`` (one d x d matrix per merged axis, ``None`` where the axis is not
-    preconditioned). All floating state is float32 (float64 for float64 parameters), whatever the
-    parameter dtype, and stays so across ``load_state_dict``.
+    preconditioned), and under ``factor_update="kl"`` ``eigenvalues`` (one [d] vector per factor;
+    a checkpoint without them estimates them from factors and bases at the next step). All floating
+    state is float32 (float64 for float64 parameters), whatever the parameter dtype, and stays so
+    across ``load_state_dict``.
 
     Non-finite gradients raise ``FloatingPointError`` naming the parameter, before anything is
     modified (``torch.amp.GradScaler`` never calls ``step`` with them, so mixed precision is fine); so
@@ -191,6 +225,7 @@ class SOAP(SoapOptimizerBase):
         fused: Optional[bool] = None,
         rotation_precision: str = "fp32",
         refresh_tolerance: float = 0.0,
+        factor_update: str = "gram",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -216,6 +251,7 @@ class SOAP(SoapOptimizerBase):
             fused=fused,
             rotation_precision=rotation_precision,
             refresh_tolerance=refresh_tolerance,
+            factor_update=factor_update,
         )
         super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
@@ -223,6 +259,7 @@ class SOAP(SoapOptimizerBase):
         "max_precond_dim", "merge_dims", "precondition_1d", "data_format", "one_sided", "one_sided_dim",
         "factorized", "state_dtype",
     )
+    _optional_state_keys = ("eigenvalues",)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -248,11 +285,14 @@ class SOAP(SoapOptimizerBase):
             if group[flag] is not None:
                 check_bool(flag, group[flag])
         check_choice("rotation_precision", group["rotation_precision"], ROTATION_PRECISIONS)
+        check_choice("factor_update", group["factor_update"], FACTOR_UPDATES)
 
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         plan = plan_for(param, group)
         matrices = [None if d is None else (d, d) for d in plan.factor_dims]
         shapes = {"exp_avg": plan.merged_shape, "factors": matrices, "bases": matrices}
+        if group["factor_update"] == "kl":  # optional: estimated from factors and bases when missing
+            shapes["eigenvalues"] = [None if d is None else (d,) for d in plan.factor_dims]
         if _is_factored(plan, group):
             shapes["exp_avg_sq_row"], shapes["exp_avg_sq_col"] = plan.merged_shape[:1], plan.merged_shape[1:]
         else:
@@ -282,7 +322,10 @@ class SOAP(SoapOptimizerBase):
         numel = math.prod(plan.merged_shape)
         dims = [d for d in plan.factor_dims if d is not None]
         refresh = sum(4 * d**3 + 2 * numel * d for d in dims) / hyper["precondition_frequency"]
-        return 3 * numel * sum(dims) + refresh + 10 * numel
+        cost = 3 * numel * sum(dims) + refresh + 10 * numel
+        if hyper["factor_update"] == "kl":  # whitening by the other factors; F Q for the estimates
+            cost += (len(dims) - 1) * numel * sum(dims) + sum(d**3 for d in dims) / hyper["precondition_frequency"]
+        return cost
 
     # _max_grad_norm: the base's sqrt(max)/2. The rotation's partial sums are bounded by ||G||_F (orthonormal
     # columns, Cauchy-Schwarz), so the rotated entries, their squares and every EMA stay finite below it.
@@ -302,14 +345,16 @@ class SOAP(SoapOptimizerBase):
         guard = screen.grams_may_overflow
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
         writes = PendingWrites()
+        kl = group["factor_update"] == "kl"
         ready = []
         for slot in slots:
             plan = plan_of(slot, group)
             grad = plan.to_merged(slot.grad)
             state = slot.state
             if not state:
-                _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard)
+                _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard, kl=kl)
             else:
+                _match_eigenvalues(state, kl)
                 ready.append(_Item(slot.param, grad, state, plan))
         steps = next_steps([item.state for item in ready], writes)
         ready = [item._replace(step=step) for item, step in zip(ready, steps)]
@@ -366,9 +411,11 @@ def _is_factored(plan: Plan, group: Dict[str, Any]) -> bool:
 
 
 def _init_state(
-    state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float, factored: bool, guard: bool = True
+    state: Dict[str, Any], plan: Plan, grad: torch.Tensor, shampoo_beta: float, factored: bool, guard: bool = True,
+    kl: bool = False,
 ) -> None:
-    """First step for a parameter: build factors and the first bases from ``grad``; no update."""
+    """First step for a parameter: build factors and the first bases from ``grad``; no update. Under the KL
+    factor update the factors start balanced and the eigenvalues are the first bases' (see ``eigenbasis.kl``)."""
     state["step"] = new_step_count()
     # contiguous whatever the gradient's strides (a channels_last merge gives a permuted view)
     state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
@@ -378,8 +425,31 @@ def _init_state(
     else:
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
     state["factors"] = zero_factors(plan.factor_dims, dtype=grad.dtype, device=grad.device)
-    update_factors_(state["factors"], grad, shampoo_beta, guard)
+    if kl:
+        initial_kl_factors_(
+            _as_batch_of_one(state["factors"]), grad.unsqueeze(0), shampoo_beta, get_ops(False).factor_ema_
+        )
+    else:
+        update_factors_(state["factors"], grad, shampoo_beta, guard)
     state["bases"] = [None if f is None else initial_basis(f) for f in state["factors"]]
+    if kl:
+        state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
+
+
+def _match_eigenvalues(state: Dict[str, Any], kl: bool) -> None:
+    """``state["eigenvalues"]`` exists exactly under the KL factor update: estimated from the factors and
+    bases where it is missing (a checkpoint from before it, or a group switched to "kl"), dropped otherwise
+    (so that a later switch back re-estimates instead of using stale values). Derived from the state alone,
+    so a step that fails after it leaves what the next attempt would compute anyway."""
+    if not kl:
+        state.pop("eigenvalues", None)
+    elif "eigenvalues" not in state:
+        state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
+
+
+def _whiteners(bases, eigenvalues: Optional[List[Optional[torch.Tensor]]]):
+    """The KL update's whiteners Q diag(lambda)^{-1/2}, or None for the Gram update (no eigenvalues)."""
+    return None if eigenvalues is None else eigenbasis_whiteners(bases, eigenvalues)
 
 
 def soap_update_(
@@ -422,7 +492,11 @@ def soap_update_(
         writes.copy(state[key], value)
     writes.copy(param, new_param)
     # a batch of one through the bucket path's factor op, so that both paths accumulate the same bits
-    writes.update(_bucket_factor_ema(_as_batch_of_one(state["factors"]), factor_grad.unsqueeze(0), shampoo_beta, get_ops(False)))
+    eigenvalues = state.get("eigenvalues")
+    whiteners = None if eigenvalues is None else _whiteners(_as_batch_of_one(bases), _as_batch_of_one(eigenvalues))
+    writes.update(_bucket_factor_ema(
+        _as_batch_of_one(state["factors"]), factor_grad.unsqueeze(0), shampoo_beta, get_ops(False), whiteners
+    ))
     if step % group["precondition_frequency"] == 0:
         writes.refresh(partial(_refresh_one_, state, group))
     if now:
@@ -461,13 +535,15 @@ def _refresh_stack_(
     factors: List[Optional[torch.Tensor]], bases: List[Optional[torch.Tensor]], exp_avg: torch.Tensor,
     second_moments: List[torch.Tensor], group: Dict[str, Any], rows: Optional[List[int]] = None,
     install: Optional[Callable[[int, torch.Tensor], None]] = None,
+    eigenvalues: Optional[List[Optional[torch.Tensor]]] = None,
 ) -> None:
     """Refresh a stack's bases ([B, d, d], None for an axis without one) and carry its moments ([B, *merged])
     to them: the full second moment, or the row and column sums (``second_moments``), permuted with the
     columns. ``rows``: only these members of the stack (those
     due, in a bucket whose members are at different steps), gathered into one smaller stack and written
     back. ``install(axis, new_stack)``: puts a new basis in place of copying it into the old one.
-    Everything is computed before anything is written, so an exception leaves the stack as it was (see
+    ``eigenvalues`` ([B, d] per axis, the KL update's): replaced by the refresh's estimates, re-ordered
+    like the columns (see ``eigenbasis.kl``). Everything is computed before anything is written, so an exception leaves the stack as it was (see
     ``pending_writes``)."""
     moments = [exp_avg, *second_moments]
     if rows is None:
@@ -477,8 +553,16 @@ def _refresh_stack_(
         factors = [None if f is None else f.index_select(0, index) for f in factors]
         old_bases = [None if b is None else b.index_select(0, index) for b in bases]
         carried = [moment.index_select(0, index) for moment in moments]
+    if eigenvalues is not None:
+        old_values = [None if v is None else (v if rows is None else v.index_select(0, index)) for v in eigenvalues]
+        estimates = estimates_of(factors, old_bases)  # before the refresh: diag(O^T F O) in the old bases
     new_bases = list(old_bases)
     orders = refresh_bases_(factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"])
+    if eigenvalues is not None:
+        values = new_eigenvalues(old_values, estimates, orders)
+        for target, value in zip(eigenvalues, values):
+            if target is not None:
+                _write_rows(target, value, rows, index if rows is not None else None)
     if all(order is None for order in orders):
         return
     if len(second_moments) == 1:
@@ -486,21 +570,23 @@ def _refresh_stack_(
     else:
         permute_axes_(carried[1], orders[:1], batch_dims=1)
         permute_axes_(carried[2], orders[1:], batch_dims=1)
-    def write(target: torch.Tensor, value: torch.Tensor) -> None:
-        if rows is None:
-            target.copy_(value)
-        else:
-            target.index_copy_(0, index, value)
-
     for target, value in zip(moments, carried):
-        write(target, value)
+        _write_rows(target, value, rows, index if rows is not None else None)
     for axis, (target, old, new) in enumerate(zip(bases, old_bases, new_bases)):
         if new is old:
             continue
         if install is not None:
             install(axis, new)
         else:
-            write(target, new)
+            _write_rows(target, new, rows, index if rows is not None else None)
+
+
+def _write_rows(target: torch.Tensor, value: torch.Tensor, rows, index) -> None:
+    """``target <- value``, or only the stack members ``rows`` (at ``index``) of it."""
+    if rows is None:
+        target.copy_(value)
+    else:
+        target.index_copy_(0, index, value)
 
 
 def _refresh_one_(state: Dict[str, Any], group: Dict[str, Any]) -> None:
@@ -515,6 +601,7 @@ def _refresh_one_(state: Dict[str, Any], group: Dict[str, Any]) -> None:
         [state[key].unsqueeze(0) for key in _SECOND_MOMENTS if key in state], group,
         # the new basis itself, in the QR's memory layout, which later products round by
         install=lambda axis, new: state["bases"].__setitem__(axis, new[0]),
+        eigenvalues=_as_batch_of_one(state["eigenvalues"]) if "eigenvalues" in state else None,
     )
 
 
@@ -540,6 +627,10 @@ def soap_bucket_update_(
     batch = len(items)
     stacked_bases = [stacked_state(states, "bases", k) if p else None for k, p in enumerate(preconditioned)]
     stacked_factors = [stacked_state(states, "factors", k) if p else None for k, p in enumerate(preconditioned)]
+    kl = "eigenvalues" in states[0]  # all or none: see _match_eigenvalues
+    stacked_eigenvalues = (
+        [stacked_state(states, "eigenvalues", k) if p else None for k, p in enumerate(preconditioned)] if kl else None
+    )
     grads = torch.stack([item.grad for item in items]).contiguous()  # stack keeps permuted strides
     exp_avg = stacked_state(states, "exp_avg")
     exp_avg_sq = stacked_state(states, "exp_avg_sq")
@@ -576,16 +667,19 @@ def soap_bucket_update_(
     writes.copy(exp_avg_sq, new_exp_avg_sq)
     for index, item in enumerate(items):
         writes.copy(item.param, item.plan.from_merged(params[index]))
-    writes.update(_bucket_factor_ema(stacked_factors, factor_grads, shampoo_beta, ops))
+    whiteners = _whiteners(stacked_bases, stacked_eigenvalues)
+    writes.update(_bucket_factor_ema(stacked_factors, factor_grads, shampoo_beta, ops, whiteners))
     frequency = group["precondition_frequency"]
     due = [t % frequency == 0 for t in steps]
     if all(due):
         # the whole bucket refreshes at once: one batched QR per axis, bases rewritten in place
-        writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group))
+        writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group,
+                               eigenvalues=stacked_eigenvalues))
     elif any(due):
         # the due members together, gathered from the bucket's buffers and written back
         rows = [row for row, is_due in enumerate(due) if is_due]
-        writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group, rows))
+        writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group, rows,
+                               eigenvalues=stacked_eigenvalues))
 
 
 def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, guard: bool) -> List[_Item]:
@@ -611,16 +705,21 @@ def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_bet
 
 
 def _bucket_factor_ema(
-    factors: List[Optional[torch.Tensor]], grads: torch.Tensor, beta: float, ops
+    factors: List[Optional[torch.Tensor]], grads: torch.Tensor, beta: float, ops, whiteners=None
 ) -> Callable[[], None]:
     """F_k <- beta F_k + (1 - beta) C_k for a [B, *merged] stack through the fused factor op, returned as an
     update to apply later: what it reads is prepared now, so applying it writes in place and allocates
     nothing.
 
     A matrix updates both factors in one call; for K >= 3 axes, axis k's Gram matrix is the left
-    factor of the [B, d_k, rest] unfolding (a copy, made now).
+    factor of the [B, d_k, rest] unfolding (a copy, made now). With ``whiteners`` (the KL update), C_k is
+    the Gram matrix of the whitened unfolding (``eigenbasis.kl``), one factor per call; every statistic is
+    computed now, from the factors and bases before this step's update (simultaneous).
     """
-    if grads.dim() == 3:
+    if whiteners is not None:
+        unfoldings = whitened_unfoldings(grads, whiteners, factors)
+        calls = [(factor, None, x) for factor, x in zip(factors, unfoldings) if factor is not None]
+    elif grads.dim() == 3:
         calls = [(factors[0], factors[1], grads)]
     else:
         calls = [

@@ -143,6 +143,21 @@ OPTIMIZERS.append(
     )
 )
 
+# KL factor updates (soap_optim.eigenbasis.kl) on both SOAP paths: the contract (resume, hooks, bad input,
+# closures, ...) with the extra ``eigenvalues`` state
+for _name, _path in [("soap-kl", SOAP_PATHS["single"]), ("soap-kl-batched", {"foreach": True, "fused": False})]:
+    OPTIMIZERS.append(
+        OptimizerEntry(
+            name=_name,
+            factory=lambda params, **kw: SOAP(params, **kw),
+            hparams={**_SOAP_HPARAMS, **_path, "factor_update": "kl"},
+            bad_cases=_SOAP_BAD_CASES + [("factor_update", "whitened", "factor_update")],
+            warmup_steps=1,
+            float32_state_keys=("exp_avg", "exp_avg_sq", "factors", "bases", "eigenvalues"),
+            skip_reason=KERNELS_PROBLEM if _path.get("foreach") else None,
+        )
+    )
+
 _ADAM_BAD_CASES = [
     ("lr", -1e-3, "lr"),
     ("lr", float("nan"), "lr"),
@@ -196,15 +211,17 @@ _SHAMPOO_HPARAMS = dict(
 for _name, _extra in [
     ("shampoo", {}),
     ("shampoo-power-half-ema-rmsprop", {"exponent_override": 0.5, "shampoo_beta": 0.95, "grafting": "rmsprop"}),
+    ("shampoo-kl", {"factor_update": "kl"}),
 ]:
     OPTIMIZERS.append(
         OptimizerEntry(
             name=_name,
             factory=lambda params, **kw: Shampoo(params, **kw),
             hparams={**_SHAMPOO_HPARAMS, **_extra},
-            bad_cases=_SHAMPOO_BAD_CASES,
+            bad_cases=_SHAMPOO_BAD_CASES + [("factor_update", "whitened", "factor_update")],
             warmup_steps=0,
-            float32_state_keys=("exp_avg", "exp_avg_sq", "factors", "roots"),
+            float32_state_keys=("exp_avg", "factors", "roots")
+            + (("exp_avg_sq",) if _extra.get("grafting", "adam") in ("adam", "rmsprop") else ()),
         )
     )
 

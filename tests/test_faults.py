@@ -459,12 +459,18 @@ def test_rank_one_gradients(entry):
         opt.step()
     _all_finite(model, opt)
     if kind(entry) in (SOAP, Shampoo):
+        kl = entry.hparams.get("factor_update") == "kl"
         checked = 0
         for p in model.parameters():
-            for factor in opt.state[p]["factors"]:
+            for factor, direction in zip(opt.state[p]["factors"], directions[p]):
                 if factor is not None and factor.shape[0] > 1:
-                    values = torch.linalg.eigvalsh(factor.double())
-                    assert values[-2].abs() < 1e-6 * values[-1]  # rank-1
+                    values, vectors = torch.linalg.eigh(factor.double())
+                    if kl:  # the isotropic start (eigenbasis.kl) plus statistics along the gradients' one direction
+                        assert values[-2] - values[0] < 1e-5 * values[-1]
+                        cosine = vectors[:, -1] @ direction.double() / direction.double().norm()
+                        assert cosine.abs() > 1 - 1e-5
+                    else:
+                        assert values[-2].abs() < 1e-6 * values[-1]  # rank-1
                     checked += 1
         assert checked >= 3
     if kind(entry) is SOAP:

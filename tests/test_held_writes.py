@@ -77,6 +77,7 @@ CONFIGS = {
     "factorized": {"factorized": True, "normalize_grads": True},
     "merged-1d": {"merge_dims": True, "precondition_1d": True, "max_precond_dim": 5},
     "tolerance-decay": {"refresh_tolerance": 0.05, "weight_decay": 0.1},
+    "kl": {"factor_update": "kl"},
 }
 
 
@@ -143,7 +144,7 @@ def test_no_backup_copy_for_soaps_pytorch_paths(config, monkeypatch):
     assert max(n for _, n in copied) > 0
 
 
-@pytest.mark.parametrize("config", ["default", "one-at-a-time", "factorized"])
+@pytest.mark.parametrize("config", ["default", "one-at-a-time", "factorized", "kl"])
 def test_a_failed_refresh_keeps_its_bases_and_the_step_is_taken(config, monkeypatch):
     """An error inside a basis refresh (here while the first moment is carried to the new bases, after the
     QR) is reported by a warning; the step is taken, and every refresh unit keeps the bases and moments it
