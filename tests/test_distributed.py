@@ -127,20 +127,22 @@ def _nonfinite(mode, rank, out_dir):
     return {"raised": raised, "unchanged": unchanged and state_unchanged, **_compare(model, reference)}
 
 
-def _dcp_resume(mode, rank, out_dir):
+def _dcp_resume(mode, rank, out_dir, name="soap", build=None, spec=None):
     """get/set_optimizer_state_dict + dcp.save/load at the same world size: the resumed run continues
-    bit for bit, and both equal one process."""
+    bit for bit, and both equal one process. ``build(name, mode, dtype)`` and ``spec`` (the one-process
+    reference's) default to this module's ``_distributed`` and ``OPTIMIZERS[name]``."""
     dtype = torch.float32
-    model, opt = _distributed("soap", mode, dtype)
+    build = build or _distributed
+    model, opt = build(name, mode, dtype)
     _train(model, opt, range(4), dtype, rank)
-    path = os.path.join(out_dir, f"dcp-{mode}")
+    path = os.path.join(out_dir, f"dcp-{name}-{mode}")
     dcp_save(model, opt, path)
     _train(model, opt, range(4, STEPS), dtype, rank)
 
-    resumed, resumed_opt = _distributed("soap", mode, dtype)
+    resumed, resumed_opt = build(name, mode, dtype)
     dcp_load(resumed, resumed_opt, path)  # templates from get_state_dict (state initialised at lr 0)
     _train(resumed, resumed_opt, range(4, STEPS), dtype, rank)
-    reference, _ = reference_run(OPTIMIZERS["soap"], dtype, range(STEPS))
+    reference, _ = reference_run(spec or OPTIMIZERS[name], dtype, range(STEPS))
     same = all(torch.equal(a, b) for a, b in zip(_params(resumed), _params(model)))
     return {"resumed_equal": same, **_compare(resumed, reference)}
 

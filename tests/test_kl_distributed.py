@@ -8,7 +8,6 @@ the factors and bases.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_harness import OPTIMIZERS, dcp_load, dcp_save, reference_run, run_job  # noqa: E402
-from test_distributed import MODES, STEPS, _compare, _distributed, _params, _records, _state_numel, _train  # noqa: E402
+from distributed_harness import OPTIMIZERS, reference_run, run_job  # noqa: E402
+from test_distributed import MODES, STEPS, _compare, _dcp_resume, _distributed, _records, _state_numel, _train  # noqa: E402
 
 import soap_optim  # noqa: E402
 
@@ -58,25 +57,10 @@ def _parity(name, mode, rank, out_dir):
             "reference_state_numel": _state_numel(reference_opt), "has_eigenvalues": has_eigenvalues}
 
 
-def _dcp_resume(mode, rank, out_dir):
-    dtype = torch.float32
-    model, opt = _build("soap-kl", mode, dtype)
-    _train(model, opt, range(4), dtype, rank)
-    path = os.path.join(out_dir, f"kl-dcp-{mode}")
-    dcp_save(model, opt, path)
-    _train(model, opt, range(4, STEPS), dtype, rank)
-    resumed, resumed_opt = _build("soap-kl", mode, dtype)
-    dcp_load(resumed, resumed_opt, path)
-    _train(resumed, resumed_opt, range(4, STEPS), dtype, rank)
-    reference, _ = reference_run(KL["soap-kl"], dtype, range(STEPS))
-    same = all(torch.equal(a, b) for a, b in zip(_params(resumed), _params(model)))
-    return {"resumed_equal": same, **_compare(resumed, reference)}
-
-
 PARITY = [(name, mode) for name in KL for mode in MODES]
 SCENARIOS = {f"parity-{name}-{mode}": functools.partial(_parity, name, mode) for name, mode in PARITY}
 for _mode in MODES:
-    SCENARIOS[f"dcp-{_mode}"] = functools.partial(_dcp_resume, _mode)
+    SCENARIOS[f"dcp-{_mode}"] = functools.partial(_dcp_resume, _mode, name="soap-kl", build=_build, spec=KL["soap-kl"])
 
 
 @pytest.fixture(scope="module")
