@@ -112,8 +112,11 @@ def _foreach_adam_(
             g = torch._foreach_add(g, work, alpha=weight_decay)
         # the counts this step takes, read in one conversion (host counters) before anything is modified
         ts = [t + 1 for t in torch.stack([steps[i] for i in indices]).tolist()]
-        # the denominators' memory, in one call (its values are overwritten below)
-        prepared.append((dtype, indices, work, g, torch._foreach_neg([exp_avg_sqs[i] for i in indices]), ts))
+        v = [exp_avg_sqs[i] for i in indices]
+        # the denominators' memory, allocated by the second moment's first op (v * beta2, the bits of the
+        # in-place mul_): v's update then runs in it and is copied back, a pass fewer than a separate
+        # allocation; under amsgrad the denominator is the running maximum, copied in below
+        prepared.append((dtype, indices, work, g, torch._foreach_mul(v, beta2), ts))
     for dtype, indices, work, g, denom, ts in prepared:
         m = [exp_avgs[i] for i in indices]
         v = [exp_avg_sqs[i] for i in indices]
@@ -125,16 +128,15 @@ def _foreach_adam_(
             foreach_first_moment_ema_(m, g, beta1)
         else:
             torch._foreach_lerp_(m, g, 1 - beta1)  # torch's bits
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        torch._foreach_addcmul_(denom, g, g, value=1 - beta2)  # v * beta2 + (1 - beta2) * g * g
         if cap_second_moment:
             # a square that overflowed is capped at the dtype's max: the coordinate keeps moving, never inf
-            torch._foreach_clamp_max_(v, torch.finfo(dtype).max)
+            torch._foreach_clamp_max_(denom, torch.finfo(dtype).max)
+        torch._foreach_copy_(v, denom)
         if amsgrad:
             v_max = [max_exp_avg_sqs[i] for i in indices]
             torch._foreach_maximum_(v_max, v)
-            v = v_max
-        torch._foreach_copy_(denom, v)
+            torch._foreach_copy_(denom, v_max)
         torch._foreach_sqrt_(denom)  # the bits of torch._foreach_sqrt(v), into memory allocated up front
         torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in ts])
         torch._foreach_add_(denom, eps)
