@@ -643,7 +643,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             norms = norms.cpu()  # the one host read
             if fallbacks is not None:
                 report_fallbacks(norms[len(grads) :].tolist())
-            squares = squares.index_copy(0, torch.tensor(indices), norms[: len(grads)])
+            if len(indices) == count and indices == list(range(count)):  # one process, every gradient: in order
+                squares = norms[:count]
+            else:
+                squares = squares.index_copy(0, torch.tensor(indices), norms[: len(grads)])
         values = self._distribution.all_reduce_sum(squares).tolist()
         flagged = [index for index, value in enumerate(values) if not math.isfinite(value)]
         bad: Dict[int, bool] = {}
