@@ -14,7 +14,7 @@ import torch
 
 from .dispatch import get_ops, wants_kernels
 from .moment_math import first_moment_ema_, foreach_first_moment_ema_
-from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
+from .optimizer import Screen, Slot, SoapOptimizerBase, advance_step_counts, new_step_count
 from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
 
 
@@ -116,14 +116,14 @@ def _foreach_adam_(
         # the denominators' memory, allocated by the second moment's first op (v * beta2, the bits of the
         # in-place mul_): v's update then runs in it and is copied back, a pass fewer than a separate
         # allocation; under amsgrad the denominator is the running maximum, copied in below
-        prepared.append((dtype, indices, work, g, torch._foreach_mul(v, beta2), ts))
-    for dtype, indices, work, g, denom, ts in prepared:
+        advance = advance_step_counts([steps[i] for i in indices])
+        prepared.append((dtype, indices, work, g, torch._foreach_mul(v, beta2), ts, advance))
+    for dtype, indices, work, g, denom, ts, advance in prepared:
         m = [exp_avgs[i] for i in indices]
         v = [exp_avg_sqs[i] for i in indices]
-        s = [steps[i] for i in indices]
         if weight_decay != 0 and decoupled_weight_decay:
             torch._foreach_mul_(work, 1 - lr * weight_decay)
-        torch._foreach_add_(s, 1)
+        advance()
         if guard_overflow:
             foreach_first_moment_ema_(m, g, beta1)
         else:
@@ -177,6 +177,7 @@ def _kernel_adam_(
     by_step: Dict[int, List[int]] = {}
     for index, step in enumerate(steps):
         by_step.setdefault(int(step.item()) + 1, []).append(index)
+    advance = advance_step_counts(steps)
     gradients = {}  # allocate first, modify last (as _single_tensor_adam_)
     for t, indices in by_step.items():
         g = [grads[i] for i in indices]
@@ -185,7 +186,7 @@ def _kernel_adam_(
         if weight_decay != 0 and not decoupled_weight_decay:
             g = [gi.to(exp_avgs[i].dtype) + weight_decay * params[i].to(exp_avgs[i].dtype) for gi, i in zip(g, indices)]
         gradients[t] = g
-    torch._foreach_add_(steps, 1)
+    advance()
     for t, indices in by_step.items():
         g = gradients[t]
         ops.adam_(

@@ -32,7 +32,7 @@ from .eigenbasis.kl import (
 from .buckets import flat_state, own_storage, stacked_state
 from .dispatch import get_ops, resolve_ops
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
-from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
+from .optimizer import Screen, Slot, SoapOptimizerBase, advance_step_counts, new_step_count
 from .pending_writes import PendingWrites
 from .validation import (
     check_betas,
@@ -517,7 +517,7 @@ def next_steps(states: List[Dict[str, Any]], writes: PendingWrites) -> List[int]
     if not states:
         return []
     counters = [state["step"] for state in states]
-    writes.update(partial(torch._foreach_add_, counters, 1))
+    writes.update(advance_step_counts(counters))
     return [int(count) + 1 for count in torch.stack(counters).tolist()]
 
 
