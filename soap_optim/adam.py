@@ -14,7 +14,7 @@ import torch
 
 from .dispatch import get_ops, wants_kernels
 from .moment_math import first_moment_ema_, foreach_first_moment_ema_
-from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
+from .optimizer import Screen, Slot, SoapOptimizerBase, advance_step_counts, new_step_count
 from .validation import check_betas, check_bool, check_choice, check_lr, check_non_negative
 
 
@@ -112,29 +112,31 @@ def _foreach_adam_(
             g = torch._foreach_add(g, work, alpha=weight_decay)
         # the counts this step takes, read in one conversion (host counters) before anything is modified
         ts = [t + 1 for t in torch.stack([steps[i] for i in indices]).tolist()]
-        # the denominators' memory, in one call (its values are overwritten below)
-        prepared.append((dtype, indices, work, g, torch._foreach_neg([exp_avg_sqs[i] for i in indices]), ts))
-    for dtype, indices, work, g, denom, ts in prepared:
+        v = [exp_avg_sqs[i] for i in indices]
+        # the denominators' memory, allocated by the second moment's first op (v * beta2, the bits of the
+        # in-place mul_): v's update then runs in it and is copied back, a pass fewer than a separate
+        # allocation; under amsgrad the denominator is the running maximum, copied in below
+        advance = advance_step_counts([steps[i] for i in indices])
+        prepared.append((dtype, indices, work, g, torch._foreach_mul(v, beta2), ts, advance))
+    for dtype, indices, work, g, denom, ts, advance in prepared:
         m = [exp_avgs[i] for i in indices]
         v = [exp_avg_sqs[i] for i in indices]
-        s = [steps[i] for i in indices]
         if weight_decay != 0 and decoupled_weight_decay:
             torch._foreach_mul_(work, 1 - lr * weight_decay)
-        torch._foreach_add_(s, 1)
+        advance()
         if guard_overflow:
             foreach_first_moment_ema_(m, g, beta1)
         else:
             torch._foreach_lerp_(m, g, 1 - beta1)  # torch's bits
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        torch._foreach_addcmul_(denom, g, g, value=1 - beta2)  # v * beta2 + (1 - beta2) * g * g
         if cap_second_moment:
             # a square that overflowed is capped at the dtype's max: the coordinate keeps moving, never inf
-            torch._foreach_clamp_max_(v, torch.finfo(dtype).max)
+            torch._foreach_clamp_max_(denom, torch.finfo(dtype).max)
+        torch._foreach_copy_(v, denom)
         if amsgrad:
             v_max = [max_exp_avg_sqs[i] for i in indices]
             torch._foreach_maximum_(v_max, v)
-            v = v_max
-        torch._foreach_copy_(denom, v)
+            torch._foreach_copy_(denom, v_max)
         torch._foreach_sqrt_(denom)  # the bits of torch._foreach_sqrt(v), into memory allocated up front
         torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in ts])
         torch._foreach_add_(denom, eps)
@@ -175,6 +177,7 @@ def _kernel_adam_(
     by_step: Dict[int, List[int]] = {}
     for index, step in enumerate(steps):
         by_step.setdefault(int(step.item()) + 1, []).append(index)
+    advance = advance_step_counts(steps)
     gradients = {}  # allocate first, modify last (as _single_tensor_adam_)
     for t, indices in by_step.items():
         g = [grads[i] for i in indices]
@@ -183,7 +186,7 @@ def _kernel_adam_(
         if weight_decay != 0 and not decoupled_weight_decay:
             g = [gi.to(exp_avgs[i].dtype) + weight_decay * params[i].to(exp_avgs[i].dtype) for gi, i in zip(g, indices)]
         gradients[t] = g
-    torch._foreach_add_(steps, 1)
+    advance()
     for t, indices in by_step.items():
         g = gradients[t]
         ops.adam_(

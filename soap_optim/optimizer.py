@@ -27,8 +27,9 @@ import math
 import warnings
 from collections import defaultdict
 from copy import deepcopy
+from functools import partial
 from itertools import chain
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -114,6 +115,15 @@ STEP_DTYPE = torch.float64
 def new_step_count() -> torch.Tensor:
     """A fresh ``step`` counter: a 0-d CPU tensor (torch.optim's form) in :data:`STEP_DTYPE`."""
     return torch.tensor(0.0, dtype=STEP_DTYPE)
+
+
+def advance_step_counts(counters: List[torch.Tensor]) -> Callable[[], None]:
+    """``counter += 1`` for every counter, one foreach call, returned to run now or later (running it
+    allocates nothing). Host counters get the 1 as one 0-d tensor made here: on the CPU foreach loops over
+    the tensors and would wrap a Python 1 into a new tensor for each (torch.optim's Adam does the same)."""
+    if counters and counters[0].is_cpu and not torch.compiler.is_compiling():
+        return partial(torch._foreach_add_, counters, torch.tensor(1.0, dtype=counters[0].dtype), alpha=1.0)
+    return partial(torch._foreach_add_, counters, 1)
 
 
 def _step_count(value: Any) -> torch.Tensor:
@@ -643,7 +653,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             norms = norms.cpu()  # the one host read
             if fallbacks is not None:
                 report_fallbacks(norms[len(grads) :].tolist())
-            squares = squares.index_copy(0, torch.tensor(indices), norms[: len(grads)])
+            if len(indices) == count and indices == list(range(count)):  # one process, every gradient: in order
+                squares = norms[:count]
+            else:
+                squares = squares.index_copy(0, torch.tensor(indices), norms[: len(grads)])
         values = self._distribution.all_reduce_sum(squares).tolist()
         flagged = [index for index, value in enumerate(values) if not math.isfinite(value)]
         bad: Dict[int, bool] = {}

@@ -32,7 +32,7 @@ from .eigenbasis.kl import (
 from .buckets import flat_state, own_storage, stacked_state
 from .dispatch import get_ops, resolve_ops
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
-from .optimizer import Screen, Slot, SoapOptimizerBase, new_step_count
+from .optimizer import Screen, Slot, SoapOptimizerBase, advance_step_counts, new_step_count
 from .pending_writes import PendingWrites
 from .validation import (
     check_betas,
@@ -347,17 +347,21 @@ class SOAP(SoapOptimizerBase):
         writes = PendingWrites()
         kl = group["factor_update"] == "kl"
         ready = []
+        plans: Dict[Tuple, Plan] = {}  # a group's tensors come in a few shapes: one plan per shape
         for slot in slots:
-            plan = plan_of(slot, group)
+            shapes = (slot.param.shape, slot.shape)
+            plan = plans.get(shapes)
+            if plan is None:
+                plan = plans[shapes] = plan_of(slot, group)
             grad = plan.to_merged(slot.grad)
             state = slot.state
             if not state:
                 _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard, kl=kl)
             else:
                 _match_eigenvalues(state, kl)
-                ready.append(_Item(slot.param, grad, state, plan))
-        steps = next_steps([item.state for item in ready], writes)
-        ready = [item._replace(step=step) for item, step in zip(ready, steps)]
+                ready.append((slot.param, grad, state, plan))
+        steps = next_steps([state for _, _, state, _ in ready], writes)
+        ready = [_Item(*fields, step) for fields, step in zip(ready, steps)]
         if group["foreach"] is False:
             for item in _sequential_if_shared(ready, group, shampoo_beta, guard):
                 soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, item.step, guard, writes)
@@ -513,7 +517,7 @@ def next_steps(states: List[Dict[str, Any]], writes: PendingWrites) -> List[int]
     if not states:
         return []
     counters = [state["step"] for state in states]
-    writes.update(partial(torch._foreach_add_, counters, 1))
+    writes.update(advance_step_counts(counters))
     return [int(count) + 1 for count in torch.stack(counters).tolist()]
 
 
@@ -665,8 +669,8 @@ def soap_bucket_update_(
 
     writes.copy(exp_avg, new_exp_avg)
     writes.copy(exp_avg_sq, new_exp_avg_sq)
-    for index, item in enumerate(items):
-        writes.copy(item.param, item.plan.from_merged(params[index]))
+    for item, row in zip(items, params.unbind(0)):  # one unbind: every row view at once
+        writes.copy(item.param, item.plan.from_merged(row))
     whiteners = _whiteners(stacked_bases, stacked_eigenvalues)
     writes.update(_bucket_factor_ema(stacked_factors, factor_grads, shampoo_beta, ops, whiteners))
     frequency = group["precondition_frequency"]
@@ -764,8 +768,9 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops, wri
         new_params = params[0].clone()
     else:
         exp_avg, exp_avg_sq = flat_state(states, "exp_avg"), flat_state(states, "exp_avg_sq")
-        grad = torch.cat([item.grad.reshape(-1) for item in items])
-        new_params = torch.cat([p.reshape(-1) for p in params])
+        # 1-D tensors (biases, norm gains: the usual members) go to cat as they are, no reshape call each
+        grad = torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in (item.grad for item in items)])
+        new_params = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in params])
     new_exp_avg, new_exp_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
     ops.adam_(new_params, grad, new_exp_avg, new_exp_avg_sq, **kwargs)
     writes.copy(exp_avg, new_exp_avg)
@@ -774,7 +779,7 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops, wri
         writes.copy(params[0], new_params)
         return
     for param, row in zip(params, new_params.split([p.numel() for p in params])):
-        writes.copy(param, row.view_as(param))
+        writes.copy(param, row if param.dim() == 1 else row.view_as(param))
 
 
 def _second_moment_update_(state: Dict[str, Any], rotated: torch.Tensor, beta2: float) -> torch.Tensor:
