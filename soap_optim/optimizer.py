@@ -467,7 +467,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         for group_index, (hyper, items) in enumerate(zip(hypers, work)):
             effective, states = [], []
             options = self._layout_options(hyper)
-            chosen_dtype, orthograd, maximize = hyper.get("state_dtype"), hyper["orthograd"], hyper["maximize"]
+            orthograd, maximize = hyper["orthograd"], hyper["maximize"]
             for item in items:
                 param = item.param
                 state = self.state.get(param)
@@ -478,10 +478,9 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                         options, param,
                         lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
                     )
-                dtype = chosen_dtype or (torch.float64 if param.dtype == torch.float64 else torch.float32)
-                grad = item.grad
-                if grad.dtype != dtype or orthograd or maximize:
-                    grad = gradient_check.effective_gradient(item.tensor, grad, dtype, orthograd=orthograd, maximize=maximize)
+                grad = gradient_check.effective_gradient(
+                    item.tensor, item.grad, state_dtype(param, hyper), orthograd=orthograd, maximize=maximize
+                )
                 effective.append(grad)
                 states.append(state)
                 if item.counted and grad.numel():

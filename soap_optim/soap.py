@@ -543,51 +543,56 @@ def _refresh_stack_(
 ) -> None:
     """Refresh a stack's bases ([B, d, d], None for an axis without one) and carry its moments ([B, *merged])
     to them: the full second moment, or the row and column sums (``second_moments``), permuted with the
-    columns. ``rows``: only these members of the stack (those
-    due, in a bucket whose members are at different steps), gathered into one smaller stack and written
-    back. ``install(axis, new_stack)``: puts a new basis in place of copying it into the old one.
-    ``eigenvalues`` ([B, d] per axis, the KL update's): replaced by the refresh's estimates, re-ordered
-    like the columns (see ``eigenbasis.kl``). Everything is computed before anything is written, so an exception leaves the stack as it was (see
+    columns. ``rows``: only these members of the stack (those due, in a bucket whose members are at
+    different steps), gathered into one smaller stack and written back. ``install(axis, new_stack)``: puts
+    a new basis in place of copying it into the old one. ``eigenvalues`` ([B, d] per axis, the KL
+    update's): replaced by the refresh's estimates, re-ordered like the columns (see ``eigenbasis.kl``).
+    Everything is computed before anything is written, so an exception leaves the stack as it was (see
     ``pending_writes``)."""
     moments = [exp_avg, *second_moments]
-    if rows is None:
+    index = None if rows is None else torch.tensor(rows, device=exp_avg.device)
+    if index is None:
         old_bases, carried = list(bases), [moment.clone() for moment in moments]
     else:
-        index = torch.tensor(rows, device=exp_avg.device)
         factors = [None if f is None else f.index_select(0, index) for f in factors]
         old_bases = [None if b is None else b.index_select(0, index) for b in bases]
         carried = [moment.index_select(0, index) for moment in moments]
+    values = None
     if eigenvalues is not None:
-        old_values = [None if v is None else (v if rows is None else v.index_select(0, index)) for v in eigenvalues]
+        old_values = [v if v is None or index is None else v.index_select(0, index) for v in eigenvalues]
         estimates = estimates_of(factors, old_bases)  # before the refresh: diag(O^T F O) in the old bases
     new_bases = list(old_bases)
     orders = refresh_bases_(factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"])
     if eigenvalues is not None:
         values = new_eigenvalues(old_values, estimates, orders)
+    refreshed = any(order is not None for order in orders)
+    if refreshed:
+        if len(second_moments) == 1:
+            permute_axes_(carried[1], orders, batch_dims=1)
+        else:
+            permute_axes_(carried[1], orders[:1], batch_dims=1)
+            permute_axes_(carried[2], orders[1:], batch_dims=1)
+    # everything is computed: the writes follow (the estimates are kept even where no basis changed)
+    if values is not None:
         for target, value in zip(eigenvalues, values):
             if target is not None:
-                _write_rows(target, value, rows, index if rows is not None else None)
-    if all(order is None for order in orders):
+                _write_rows(target, value, index)
+    if not refreshed:
         return
-    if len(second_moments) == 1:
-        permute_axes_(carried[1], orders, batch_dims=1)
-    else:
-        permute_axes_(carried[1], orders[:1], batch_dims=1)
-        permute_axes_(carried[2], orders[1:], batch_dims=1)
     for target, value in zip(moments, carried):
-        _write_rows(target, value, rows, index if rows is not None else None)
+        _write_rows(target, value, index)
     for axis, (target, old, new) in enumerate(zip(bases, old_bases, new_bases)):
         if new is old:
             continue
         if install is not None:
             install(axis, new)
         else:
-            _write_rows(target, new, rows, index if rows is not None else None)
+            _write_rows(target, new, index)
 
 
-def _write_rows(target: torch.Tensor, value: torch.Tensor, rows, index) -> None:
-    """``target <- value``, or only the stack members ``rows`` (at ``index``) of it."""
-    if rows is None:
+def _write_rows(target: torch.Tensor, value: torch.Tensor, index: Optional[torch.Tensor]) -> None:
+    """``target <- value``, or only the stack members at ``index`` (None: all of them)."""
+    if index is None:
         target.copy_(value)
     else:
         target.index_copy_(0, index, value)

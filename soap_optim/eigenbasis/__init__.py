@@ -1,5 +1,5 @@
 """The shared eigenbasis core: pure functions used by SOAP and the rest of the family."""
-from .bases import all_finite, initial_basis, refreshed_basis
+from .bases import initial_basis, refreshed_basis
 from .factors import halve_saturating_sums_, mode_gram, update_factors_, without_overflowing_grams, zero_factors
 from .moments import permute_axes_, refresh_bases_
 from .plan import (
@@ -17,7 +17,6 @@ from .projection import project, project_back
 __all__ = [
     "DATA_FORMATS",
     "Plan",
-    "all_finite",
     "check_plan_options",
     "halve_saturating_sums_",
     "initial_basis",
