@@ -107,7 +107,8 @@ class SOAP(SoapOptimizerBase):
         eps: added to :math:`\sqrt{v_t}` before bias correction.
         weight_decay: decoupled decay, applied to the already-updated weights.
         precondition_frequency: eigenbasis refresh period (read every step, so it can be scheduled).
-        max_precond_dim: an axis longer than this gets no factor (identity on that axis).
+        max_precond_dim: an axis longer than this gets no factor (identity on that axis); ``0``: no
+            factor at all, Adam in the standard basis (``soap_optim.hidden_groups`` uses it for embeddings).
         merge_dims: merge adjacent axes while their product stays ``<= max_precond_dim``.
         precondition_1d: give 1-D tensors with ``n <= max_precond_dim`` an n x n factor.
         normalize_grads: rescale each tensor's update to unit RMS.

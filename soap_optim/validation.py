@@ -75,6 +75,11 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
 
 
+def check_nonnegative_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 0)")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")

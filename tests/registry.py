@@ -103,7 +103,7 @@ _SOAP_BAD_CASES = [
     ("shampoo_beta", 1.0, "shampoo_beta"),
     ("precondition_frequency", 0, "precondition_frequency"),
     ("precondition_frequency", 2.5, "precondition_frequency"),
-    ("max_precond_dim", 0, "max_precond_dim"),
+    ("max_precond_dim", -1, "max_precond_dim"),
     ("data_format", "NHWC", "data_format"),
     ("merge_dims", "yes", "merge_dims"),
     ("maximize", 1, "maximize"),
@@ -199,7 +199,7 @@ _SHAMPOO_BAD_CASES = [
     ("start_preconditioning_step", 0, "start_preconditioning_step"),
     ("exponent_override", -0.5, "exponent_override"),
     ("grafting", "adagrad", "grafting"),
-    ("max_precond_dim", 0, "max_precond_dim"),
+    ("max_precond_dim", -1, "max_precond_dim"),
     ("data_format", "NHWC", "data_format"),
     ("maximize", 1, "maximize"),
 ]

@@ -65,7 +65,7 @@ BAD_HYPERPARAMETERS = [
     ("precondition_frequency", 10.0, ["precondition_frequency", "10.0"]),
     ("precondition_frequency", "10", ["precondition_frequency", "10"]),
     ("precondition_frequency", True, ["precondition_frequency", "True"]),
-    ("max_precond_dim", 0, ["max_precond_dim", "0"]),
+    ("max_precond_dim", -1, ["max_precond_dim", "-1"]),
     ("max_precond_dim", -5, ["max_precond_dim", "-5"]),
     ("max_precond_dim", 3.0, ["max_precond_dim", "3.0"]),
     ("data_format", "NHWC", ["data_format", "NHWC"]),

@@ -331,7 +331,7 @@ def test_load_state_dict_rejects_a_wrong_root_shape():
         (dict(exponent_override=-0.25), "-0.25"),
         (dict(exponent_override=float("inf")), "inf"),
         (dict(grafting="adagrad"), "adagrad"),
-        (dict(max_precond_dim=0), "0"),
+        (dict(max_precond_dim=-1), "-1"),
         (dict(data_format="nhwc"), "nhwc"),
         (dict(merge_dims="no"), "no"),
     ],

@@ -13,22 +13,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from ..groups import hidden_matrices
+
 MUON_FLAG = "use_muon"  # param-group key saying which of the two optimizers steps the group
-
-
-def hidden_matrices(model: nn.Module) -> List[torch.Tensor]:
-    """The 2-D parameters that are neither an embedding nor the output layer (the last ``nn.Linear``).
-
-    A bare 2-D parameter (a model that is one weight matrix, as in least squares) counts as hidden.
-    """
-    excluded = set()
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears:
-        excluded.update(id(p) for p in linears[-1].parameters())
-    for module in model.modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-            excluded.update(id(p) for p in module.parameters())
-    return [p for p in model.parameters() if p.dim() == 2 and id(p) not in excluded]
 
 
 def split_groups(model: nn.Module) -> List[Dict[str, Any]]:

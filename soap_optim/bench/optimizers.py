@@ -126,6 +126,7 @@ def _precond(hyper: Hyper) -> Dict[str, Any]:
 def ours() -> List[OptimizerSpec]:
     """torch's AdamW (the baseline) and soap_optim's optimizers, the optional ones when present."""
     import soap_optim
+    from soap_optim.groups import hidden_groups
 
     refresh = lambda hyper: hyper.precondition_frequency  # noqa: E731
     specs = [
@@ -135,6 +136,12 @@ def ours() -> List[OptimizerSpec]:
         ),
         OptimizerSpec(
             "soap", "SOAP", "soap_optim", soap_optim.SOAP, lambda h: dict(h.adam(), **_precond(h)), refresh,
+        ),
+        OptimizerSpec(
+            "soap-hidden", "SOAP, embeddings and output layer on Adam", "soap_optim", soap_optim.SOAP,
+            lambda h: dict(h.adam(), **_precond(h)), refresh, params_of=hidden_groups,
+            notes=["soap_optim.hidden_groups(model): the embeddings and the last Linear get max_precond_dim=0 "
+                   "(Adam in the standard basis, SOAP's betas), the split torch Muon's recipe makes"],
         ),
         OptimizerSpec(
             "soap-one-sided", "SOAP one-sided", "soap_optim", soap_optim.SOAP,

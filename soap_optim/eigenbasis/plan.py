@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..validation import check_bool, check_choice, check_positive_int
+from ..validation import check_bool, check_choice, check_nonnegative_int
 
 DATA_FORMATS = ("channels_first", "channels_last")
 # channels_last assumes (O, H, W, I) storage; (0, 3, 1, 2) brings it to (O, I, H, W).
@@ -133,7 +133,7 @@ def _full_plan(shape, max_precond_dim, merge_dims, precondition_1d, data_format)
 
 def check_plan_options(group: Dict[str, Any]) -> None:
     """ValueError naming a bad dims-plan hyperparameter of a param group (SOAP, Shampoo)."""
-    check_positive_int("max_precond_dim", group["max_precond_dim"])
+    check_nonnegative_int("max_precond_dim", group["max_precond_dim"])
     check_choice("data_format", group["data_format"], DATA_FORMATS)
     for flag in ("merge_dims", "precondition_1d"):
         check_bool(flag, group[flag])
