@@ -125,7 +125,7 @@ def _foreach_adam_(
         counters = pick(steps)
         ts = [t + 1 for t in torch.stack(counters).tolist()]
         v = pick(exp_avg_sqs)
-        scalar = _scalar_operands(device)
+        scalar = _scalar_operands(device, dtype)
         # the denominators' memory, allocated by the second moment's first op (v * beta2, the bits of the
         # in-place mul_): v's update then runs in it and is copied back, a pass fewer than a separate
         # allocation; under amsgrad the denominator is the running maximum, copied in below
@@ -172,13 +172,14 @@ def _foreach_adam_(
                 param.copy_(w)
 
 
-def _scalar_operands(device: torch.device):
-    """How a bucket's ops take a number: as a 0-d float64 host tensor for host tensors (a foreach op on
-    the CPU loops over the tensors and would wrap a Python number into a new tensor for each; the op
-    casts the 0-d tensor to the tensors' dtype exactly as it casts the number, so the bits are the same),
-    else as the number itself (the device's fused foreach kernels take it as an argument)."""
+def _scalar_operands(device: torch.device, dtype: torch.dtype):
+    """How a bucket's ops take a number: as a 0-d host tensor of the bucket's dtype for host tensors (a
+    foreach op on the CPU loops over the tensors and would wrap a Python number into a new tensor for
+    each, and a float64 one would take the type-promoting path; the op rounds a number to the tensors'
+    dtype before it computes, exactly as this tensor is rounded, so the bits are the same), else the
+    number itself (the device's fused foreach kernels take it as an argument)."""
     if device.type == "cpu" and not torch.compiler.is_compiling():
-        return lambda value: torch.tensor(value, dtype=torch.float64)
+        return lambda value: torch.tensor(value, dtype=dtype)
     return lambda value: value
 
 
