@@ -466,25 +466,34 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         layout_check = (membership, tuple(self._layout_options(h) for h in hypers), id(layouts), len(layouts))
         if layout_check == self.__dict__.get("_layouts_checked"):
             layouts = {}
+        state_get = self.state.get
         for group_index, (hyper, items) in enumerate(zip(hypers, work)):
-            effective, states = [], []
-            options = self._layout_options(hyper)
-            orthograd, maximize = hyper["orthograd"], hyper["maximize"]
-            for item in items:
-                param = item.param
-                state = self.state.get(param)
-                if not state:
-                    fresh.append((group_index, item))
-                if layouts and param in layouts:
-                    self._check_layout(
-                        options, param,
-                        lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
+            states = [state_get(item.param) for item in items]
+            fresh += [(group_index, item) for item, state in zip(items, states) if not state]
+            if layouts:
+                options = self._layout_options(hyper)
+                for item in items:
+                    if item.param in layouts:
+                        self._check_layout(
+                            options, item.param,
+                            lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
+                        )
+            orthograd, maximize, chosen = hyper["orthograd"], hyper["maximize"], hyper["state_dtype"]
+            if orthograd or maximize:
+                effective = [
+                    gradient_check.effective_gradient(
+                        item.tensor, item.grad, state_dtype(item.param, hyper), orthograd=orthograd, maximize=maximize
                     )
-                grad = gradient_check.effective_gradient(
-                    item.tensor, item.grad, state_dtype(param, hyper), orthograd=orthograd, maximize=maximize
-                )
-                effective.append(grad)
-                states.append(state)
+                    for item in items
+                ]
+            else:  # the gradient in the state's dtype (what effective_gradient returns here), without a call each
+                effective = [
+                    grad if grad.dtype is dtype else grad.to(dtype)
+                    for grad, dtype in (
+                        (item.grad, chosen or state_dtype(item.param)) for item in items
+                    )
+                ]
+            for item, grad in zip(items, effective):
                 if item.counted and grad.numel():
                     grads.append(grad)
                     indices.append(item.global_index)
@@ -506,9 +515,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         # whose layout the step records: after a membership change every parameter's, as it may have
         # gained state outside a step; otherwise only those of the states this step builds
         self._record_layouts = None if changed else [(item.param, hypers[gi]) for gi, item in fresh]
+        make = tuple.__new__  # Slot(...) without the keyword handling of a NamedTuple's __new__ (one per parameter)
         return screen, [
             (hyper, [
-                Slot(item.tensor, grad, self.state[item.param] if state is None else state, item.param.shape)
+                make(Slot, (item.tensor, grad, self.state[item.param] if state is None else state, item.param.shape))
                 for item, grad, state in zip(items, effective, states)
             ])
             for hyper, items, effective, states in zip(hypers, work, grads_per_group, states_per_group)
