@@ -158,6 +158,27 @@ def run_cuda(kernels, shapes, args) -> None:
         floor = args.batch * floor_seconds(stages, peaks[args.precision] * 1e12, args.bandwidth_tbps * 1e12)
         print(f"{m:>5}x{n:<5} {timings['fused'] * 1e3:>9.3f} {timings['unfused'] * 1e3:>11.3f} "
               f"{timings['unfused'] / timings['fused']:>8.2f} {floor * 1e3:>9.3f} {timings['fused'] / floor:>12.2f}")
+        if args.compare_routing:
+            # the rotation's shape rule (_triton_common.rotation_prefers_cublas): the kernels against torch.bmm
+            rotate = importlib.import_module("soap_optim.kernels.rotate_adam")
+            unrotate = importlib.import_module("soap_optim.kernels.unrotate_apply")
+            common = importlib.import_module("soap_optim.kernels._triton_common")
+            bucket = make_bucket(args.batch, m, n, device="cuda", param_dtype=DTYPES[args.param_dtype])
+            result = {}
+            for routed in (False, True):
+                def run():
+                    b = bucket
+                    direction = rotate.rotate_adam_impl(
+                        b["grad"], b["q_left"], b["q_right"], b["exp_avg"], b["exp_avg_sq"], beta1=0.95,
+                        beta2=0.95, eps=1e-8, precision=args.precision, route_to_cublas=routed)
+                    unrotate.unrotate_apply_impl(
+                        direction, b["q_left"], b["q_right"], b["params"], step_size=b["step_size"], decay=1e-5,
+                        precision=args.precision, route_to_cublas=routed)
+                run()
+                result[routed] = cuda_time(run, args.repeats)
+            picks = common.rotation_prefers_cublas(args.batch, m, n, (n, m), args.precision)
+            print(f"{'':>11} rotations: kernels {result[False] * 1e3:.3f} ms, torch.bmm {result[True] * 1e3:.3f} ms "
+                  f"(the rule picks {'torch.bmm' if picks else 'the kernels'})")
         if args.compare_symmetric:
             factor_ema = importlib.import_module("soap_optim.kernels.factor_ema")
             bucket = make_bucket(args.batch, m, n, device="cuda", param_dtype=DTYPES[args.param_dtype])
@@ -228,6 +249,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 20 CUDA, 9 CPU)")
     parser.add_argument("--cpu-sizes", default="32x32,64x64,128x96", help="CPU timing shapes mxn")
     parser.add_argument("--cpu-batch", type=int, default=16, help="matrices per bucket (CPU timing)")
+    parser.add_argument("--compare-routing", action="store_true",
+                        help="CUDA: also time the rotations on the kernels and on torch.bmm (the shape rule's choice)")
     parser.add_argument("--compare-symmetric", action="store_true",
                         help="CUDA: also time factor_ema with upper-triangle tiles against the full square")
     parser.add_argument("--cpu-threads", type=int, default=1,

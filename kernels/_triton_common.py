@@ -123,10 +123,39 @@ def matmul_config(batch: int, rows: int, cols: int, precision: str):
     """
     if INTERPRETED:
         return _INTERPRETED_CONFIG
+    return _compiled_matmul_config(batch, rows, cols, precision)
+
+
+def _compiled_matmul_config(batch: int, rows: int, cols: int, precision: str):
+    """``matmul_config``'s pick on a GPU (also under the interpreter, for the shape rules below)."""
     configs = compiled_matmul_configs(precision)
     large = configs[-1]
     tiles = triton.cdiv(rows, large.kwargs["BLOCK_M"]) * triton.cdiv(cols, large.kwargs["BLOCK_N"])
     return large if batch * tiles >= _SM_COUNT else configs[0]
+
+
+# A rotation whose output tiles leave SMs idle and whose products run long inner loops goes to cuBLAS
+# (the twin's torch.bmm on the operands rounded for the same precision). Each program of the kernels owns
+# one output tile and runs the whole K loop, so an under-filled grid takes as long as one tile's loop
+# while idle SMs wait; cuBLAS picks smaller tiles or splits K across them. The twin pays for that with
+# its elementwise epilogue in separate launches (about six passes, ~20 us on an H100), which a 64 x 64
+# tile's loop outweighs from K ~ 2000 on (~16 ns per K step at float32's per-SM peak rate). An estimate
+# from peak rates, not yet timed: on a GPU,
+# ``benchmarks/kernel_bench.py --compare-routing --batch 1 --shapes 64x4096`` times both paths.
+_ROTATION_LONG_K = 2048
+
+
+def rotation_prefers_cublas(batch: int, rows: int, cols: int, inner: tuple, precision: str) -> bool:
+    """Whether a rotation of a [batch, rows, cols] bucket (``rotate_adam_``, ``unrotate_apply_``) is better
+    done by cuBLAS: its grid of the kernels' tiles does not fill the GPU's SMs and its longest product runs
+    a K loop of at least ``_ROTATION_LONG_K``. ``inner``: the K of each product (cols for a right basis,
+    rows for a left one; empty without a basis: no product, nothing to route). A function of the shape
+    and precision alone: every rank and run routes alike."""
+    if not inner or max(inner) < _ROTATION_LONG_K:
+        return False
+    config = _compiled_matmul_config(batch, rows, cols, precision)
+    tiles = triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"])
+    return batch * tiles < _SM_COUNT
 
 
 def launch_options(config):

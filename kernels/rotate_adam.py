@@ -28,10 +28,12 @@ from ._triton_common import (
     launch_options,
     matmul_config,
     product_tile,
+    rotation_prefers_cublas,
     strides,
     tile_coords,
     tile_grid,
 )
+from . import reference
 from .reference import check_rotate_args
 
 # the largest float32: a second moment whose square overflowed is capped here instead of becoming inf
@@ -94,11 +96,25 @@ def rotate_adam_(
     Same contract as ``reference.rotate_adam_``; bases and moments must be float32, the direction is
     a new float32 [B, m, n] tensor. Non-contiguous moments are updated through contiguous copies.
     """
+    return rotate_adam_impl(grad, q_left, q_right, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps,
+                            precision=precision, route_to_cublas=not INTERPRETED)
+
+
+def rotate_adam_impl(grad, q_left, q_right, exp_avg, exp_avg_sq, *, beta1, beta2, eps, precision="fp32",
+                     route_to_cublas: bool = True) -> torch.Tensor:
+    """``rotate_adam_`` with the routing switch exposed: buckets that ``rotation_prefers_cublas`` picks run
+    as the twin (its ``torch.bmm`` products on the same rounded operands; the float32 sums of a product
+    then come in cuBLAS's order instead of the tile's, the only difference). Off under the interpreter,
+    whose tests are about the kernel."""
     check_rotate_args(grad, q_left, q_right, exp_avg, exp_avg_sq, precision)
     check_devices(grad, q_left, q_right, exp_avg, exp_avg_sq)
     check_float32(q_left=q_left, q_right=q_right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     check_matrix_size(grad, q_left, q_right)
     batch, m, n = grad.shape
+    inner = tuple(k for k, basis in ((n, q_right), (m, q_left)) if basis is not None)
+    if route_to_cublas and rotation_prefers_cublas(batch, m, n, inner, precision):
+        return reference.rotate_adam_(grad, q_left, q_right, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps,
+                                      precision=precision)
     direction = torch.empty((batch, m, n), dtype=torch.float32, device=grad.device)
     if direction.numel() == 0:
         return direction

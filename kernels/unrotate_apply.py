@@ -35,10 +35,12 @@ from ._triton_common import (
     launch_options,
     matmul_config,
     product_tile,
+    rotation_prefers_cublas,
     strides,
     tile_coords,
     tile_grid,
 )
+from . import reference
 from .reference import NORMALIZE_EPS, check_unrotate_args
 
 
@@ -123,13 +125,26 @@ def unrotate_apply_(
     Same contract as ``reference.unrotate_apply_``; direction, bases and step_size must be float32.
     Non-contiguous params are updated through a contiguous copy.
     """
+    unrotate_apply_impl(direction, q_left, q_right, params, step_size=step_size, decay=decay, normalize=normalize,
+                        precision=precision, route_to_cublas=not INTERPRETED)
+
+
+def unrotate_apply_impl(direction, q_left, q_right, params, *, step_size, decay, normalize=False,
+                        precision="fp32", route_to_cublas: bool = True) -> None:
+    """``unrotate_apply_`` with the routing switch exposed (see ``rotate_adam.rotate_adam_impl``)."""
     check_unrotate_args(direction, q_left, q_right, params, step_size, decay, precision)
+    routed_step_size = step_size
     if isinstance(step_size, float):
         step_size = torch.full((direction.shape[0],), step_size, dtype=torch.float32, device=direction.device)
     check_devices(direction, q_left, q_right, params, step_size)
     check_float32(direction=direction, q_left=q_left, q_right=q_right, step_size=step_size)
     check_matrix_size(direction, q_left, q_right)
     batch, m, n = direction.shape
+    inner = tuple(k for k, basis in ((n, q_right), (m, q_left)) if basis is not None)
+    if route_to_cublas and rotation_prefers_cublas(batch, m, n, inner, precision):
+        reference.unrotate_apply_(direction, q_left, q_right, params, step_size=routed_step_size, decay=decay,
+                                  normalize=normalize, precision=precision)
+        return
     if direction.numel() == 0:
         return
     if q_left is not None:

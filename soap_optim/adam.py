@@ -98,31 +98,52 @@ def _foreach_adam_(
 ) -> None:
     """Batched over tensors that share a device and state dtype; allocate first, modify last (as
     :func:`_single_tensor_adam_`): every bucket's temporaries exist before the first tensor is modified."""
-    buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-    for index, exp_avg in enumerate(exp_avgs):
-        buckets.setdefault((exp_avg.device, exp_avg.dtype), []).append(index)
+    first_device, first_dtype = exp_avgs[0].device, exp_avgs[0].dtype
+    if first_device.type == "cpu":  # is_cpu: no device object made per tensor
+        uniform = all(e.dtype is first_dtype and e.is_cpu for e in exp_avgs)
+    else:
+        uniform = all(e.dtype is first_dtype and e.device == first_device for e in exp_avgs)
+    if uniform:
+        buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {(first_device, first_dtype): []}
+    else:
+        buckets = {}
+        for index, exp_avg in enumerate(exp_avgs):
+            buckets.setdefault((exp_avg.device, exp_avg.dtype), []).append(index)
     prepared = []
-    for (_, dtype), indices in buckets.items():
+    for (device, dtype), indices in buckets.items():
+        pick = (lambda tensors: tensors) if uniform else (lambda tensors: [tensors[i] for i in indices])
         # Low-precision parameters are updated through a copy in the state's dtype.
-        work = [params[i] if params[i].dtype == dtype else params[i].to(dtype) for i in indices]
-        g = [grads[i] if grads[i].dtype == dtype else grads[i].to(dtype) for i in indices]
+        bucket_params, g = pick(params), pick(grads)
+        work = [p if p.dtype is dtype else p.to(dtype) for p in bucket_params]
+        if any(gi.dtype is not dtype for gi in g):
+            g = [gi if gi.dtype is dtype else gi.to(dtype) for gi in g]
         if maximize:
             g = torch._foreach_neg(g)
         if weight_decay != 0 and not decoupled_weight_decay:
             g = torch._foreach_add(g, work, alpha=weight_decay)
         # the counts this step takes, read in one conversion (host counters) before anything is modified
-        ts = [t + 1 for t in torch.stack([steps[i] for i in indices]).tolist()]
-        v = [exp_avg_sqs[i] for i in indices]
+        counters = pick(steps)
+        ts = [t + 1 for t in torch.stack(counters).tolist()]
+        v = pick(exp_avg_sqs)
+        scalar = _scalar_operands(device, dtype)
         # the denominators' memory, allocated by the second moment's first op (v * beta2, the bits of the
         # in-place mul_): v's update then runs in it and is copied back, a pass fewer than a separate
         # allocation; under amsgrad the denominator is the running maximum, copied in below
-        advance = advance_step_counts([steps[i] for i in indices])
-        prepared.append((dtype, indices, work, g, torch._foreach_mul(v, beta2), ts, advance))
-    for dtype, indices, work, g, denom, ts, advance in prepared:
-        m = [exp_avgs[i] for i in indices]
-        v = [exp_avg_sqs[i] for i in indices]
-        if weight_decay != 0 and decoupled_weight_decay:
-            torch._foreach_mul_(work, 1 - lr * weight_decay)
+        advance = advance_step_counts(counters)
+        if all(t == ts[0] for t in ts):  # one count for the bucket (the rule): one number for each op
+            bc2 = scalar(math.sqrt(1 - beta2 ** ts[0]))
+            step_size = -lr / (1 - beta1 ** ts[0])
+        else:
+            bc2 = [math.sqrt(1 - beta2**t) for t in ts]
+            step_size = [-lr / (1 - beta1**t) for t in ts]
+        decay = scalar(1 - lr * weight_decay) if weight_decay != 0 and decoupled_weight_decay else None
+        numbers = (decay, bc2, scalar(eps), step_size)
+        prepared.append((dtype, bucket_params, work, g, torch._foreach_mul(v, scalar(beta2)), numbers, advance,
+                         pick(exp_avgs), v, pick(max_exp_avg_sqs) if amsgrad else None))
+    for dtype, bucket_params, work, g, denom, numbers, advance, m, v, v_max in prepared:
+        decay, bc2, eps_operand, step_size = numbers
+        if decay is not None:
+            torch._foreach_mul_(work, decay)
         advance()
         if guard_overflow:
             foreach_first_moment_ema_(m, g, beta1)
@@ -134,16 +155,32 @@ def _foreach_adam_(
             torch._foreach_clamp_max_(denom, torch.finfo(dtype).max)
         torch._foreach_copy_(v, denom)
         if amsgrad:
-            v_max = [max_exp_avg_sqs[i] for i in indices]
             torch._foreach_maximum_(v_max, v)
             torch._foreach_copy_(denom, v_max)
         torch._foreach_sqrt_(denom)  # the bits of torch._foreach_sqrt(v), into memory allocated up front
-        torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in ts])
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(work, m, denom, [-lr / (1 - beta1**t) for t in ts])
-        for i, w in zip(indices, work):
-            if w is not params[i]:
-                params[i].copy_(w)
+        torch._foreach_div_(denom, bc2)
+        if isinstance(eps_operand, torch.Tensor):
+            torch._foreach_add_(denom, eps_operand, alpha=1.0)
+        else:
+            torch._foreach_add_(denom, eps_operand)
+        if isinstance(step_size, list):
+            torch._foreach_addcdiv_(work, m, denom, step_size)
+        else:
+            torch._foreach_addcdiv_(work, m, denom, value=step_size)
+        for param, w in zip(bucket_params, work):
+            if w is not param:
+                param.copy_(w)
+
+
+def _scalar_operands(device: torch.device, dtype: torch.dtype):
+    """How a bucket's ops take a number: as a 0-d host tensor of the bucket's dtype for host tensors (a
+    foreach op on the CPU loops over the tensors and would wrap a Python number into a new tensor for
+    each, and a float64 one would take the type-promoting path; the op rounds a number to the tensors'
+    dtype before it computes, exactly as this tensor is rounded, so the bits are the same), else the
+    number itself (the device's fused foreach kernels take it as an argument)."""
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return lambda value: torch.tensor(value, dtype=dtype)
+    return lambda value: value
 
 
 def _kernel_adam_(

@@ -10,6 +10,8 @@ Two parts, both pure (nothing here writes to a parameter, a gradient or optimize
   gradients, squared in float64 (a sum over shards or ranks of these is still exact enough to decide
   on, and cannot overflow for float32 gradients); only when a squared norm is not finite are the
   flagged gradients looked at entry by entry, with an overflow-free norm for the finite-but-huge ones.
+  :func:`squared_norm_bound` is its shortcut on one process: one sum, which decides alone where it is
+  finite and far below every threshold (the common case).
 
 The base optimizer sums the squared norms over ranks (one small all-reduce when distributed) so that
 every rank reaches the same verdict.
@@ -17,7 +19,7 @@ every rank reaches the same verdict.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,6 +60,35 @@ def squared_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(0, dtype=torch.float64)
     return torch.stack(torch._foreach_norm(list(grads))).to(torch.float64).square()
+
+
+# the shortcut's flat copy: tensors of at most this many entries, at most _FLAT_TOTAL entries in all
+_FLAT_EACH, _FLAT_TOTAL = 2**16, 2**22
+
+
+def squared_norm_bound(grads: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The sum of every gradient's squared norm (a 0-d float64: not finite where a gradient is not), for
+    host tensors, or None for device tensors (where ``_foreach_norm`` is one fused launch).
+
+    The screen's shortcut: on the CPU ``_foreach_norm`` loops over the tensors, each a reduction of its
+    own; the small ones here are copied into one flat tensor and reduced once (a copy of at most
+    ``_FLAT_TOTAL`` entries), the others get their norm each. A sum well below every threshold the
+    screen compares with bounds every gradient's norm below them too, as :func:`squared_norms` would
+    compute it (the sum's rounding is far inside a factor 2), so the screen decides nothing differently."""
+    if not grads or not all(grad.is_cpu for grad in grads):
+        return None
+    flat, rest, total = [], [], 0
+    for grad in grads:
+        size = grad.numel()
+        if size <= _FLAT_EACH and total + size <= _FLAT_TOTAL:
+            flat.append(grad)
+            total += size
+        else:
+            rest.append(grad)
+    norms = list(torch._foreach_norm(rest)) if rest else []
+    if flat:
+        norms.append(torch.linalg.vector_norm(torch._utils._flatten_dense_tensors(flat)))
+    return torch.stack(norms).to(torch.float64).square().sum()
 
 
 def exact_norm(grad: torch.Tensor) -> float:

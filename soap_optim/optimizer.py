@@ -65,7 +65,9 @@ class Screen(NamedTuple):
     """What the gradient check learned that the math may use this step (passed down explicitly: under
     ``torch.compile`` an attribute written across a graph break is not reliably seen later)."""
 
-    largest_norm: float  # the largest gradient Frobenius norm (over ranks)
+    # the largest gradient Frobenius norm (over ranks), or a bound of it far below every threshold it is
+    # compared with (see SoapOptimizerBase._gradients_below_every_threshold)
+    largest_norm: float
     grams_may_overflow: bool  # some gradient is large enough for its Gram matrices to overflow float32
     # skip_nonfinite_grads="on_device": whether the gradients pass the check, a 0-d bool on the device
     passed: Optional[torch.Tensor] = None
@@ -464,25 +466,34 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         layout_check = (membership, tuple(self._layout_options(h) for h in hypers), id(layouts), len(layouts))
         if layout_check == self.__dict__.get("_layouts_checked"):
             layouts = {}
+        state_get = self.state.get
         for group_index, (hyper, items) in enumerate(zip(hypers, work)):
-            effective, states = [], []
-            options = self._layout_options(hyper)
-            orthograd, maximize = hyper["orthograd"], hyper["maximize"]
-            for item in items:
-                param = item.param
-                state = self.state.get(param)
-                if not state:
-                    fresh.append((group_index, item))
-                if layouts and param in layouts:
-                    self._check_layout(
-                        options, param,
-                        lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
+            states = [state_get(item.param) for item in items]
+            fresh += [(group_index, item) for item, state in zip(items, states) if not state]
+            if layouts:
+                options = self._layout_options(hyper)
+                for item in items:
+                    if item.param in layouts:
+                        self._check_layout(
+                            options, item.param,
+                            lambda item=item, gi=group_index: describe(gi, item.param_index, item.param.shape),
+                        )
+            orthograd, maximize, chosen = hyper["orthograd"], hyper["maximize"], hyper["state_dtype"]
+            if orthograd or maximize:
+                effective = [
+                    gradient_check.effective_gradient(
+                        item.tensor, item.grad, state_dtype(item.param, hyper), orthograd=orthograd, maximize=maximize
                     )
-                grad = gradient_check.effective_gradient(
-                    item.tensor, item.grad, state_dtype(param, hyper), orthograd=orthograd, maximize=maximize
-                )
-                effective.append(grad)
-                states.append(state)
+                    for item in items
+                ]
+            else:  # the gradient in the state's dtype (what effective_gradient returns here), without a call each
+                effective = [
+                    grad if grad.dtype is dtype else grad.to(dtype)
+                    for grad, dtype in (
+                        (item.grad, chosen or state_dtype(item.param)) for item in items
+                    )
+                ]
+            for item, grad in zip(items, effective):
                 if item.counted and grad.numel():
                     grads.append(grad)
                     indices.append(item.global_index)
@@ -504,9 +515,10 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         # whose layout the step records: after a membership change every parameter's, as it may have
         # gained state outside a step; otherwise only those of the states this step builds
         self._record_layouts = None if changed else [(item.param, hypers[gi]) for gi, item in fresh]
+        make = tuple.__new__  # Slot(...) without the keyword handling of a NamedTuple's __new__ (one per parameter)
         return screen, [
             (hyper, [
-                Slot(item.tensor, grad, self.state[item.param] if state is None else state, item.param.shape)
+                make(Slot, (item.tensor, grad, self.state[item.param] if state is None else state, item.param.shape))
                 for item, grad, state in zip(items, effective, states)
             ])
             for hyper, items, effective, states in zip(hypers, work, grads_per_group, states_per_group)
@@ -638,9 +650,34 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 if problem is not None:
                     raise ValueError(f"{type(self).__name__}: fused=True cannot run here: {problem}; use fused=None or False")
 
+    def _gradients_below_every_threshold(self, grads, hypers) -> Optional[Screen]:
+        """The screen's shortcut on one process (host tensors): the Screen when the sum of the gradients'
+        squared norms is finite and below a quarter of the square of every threshold the screen compares a
+        norm with (each parameter's limit, the Gram overflow bound, which is also the second moment's),
+        so that no gradient's norm can reach one; else None, and the screen looks at each gradient. Its
+        ``largest_norm`` is then the bound (every comparison with it decides as the largest norm would)."""
+        bound = gradient_check.squared_norm_bound(grads)
+        if bound is None:
+            return None
+        # the last steps' eigenbasis fallbacks come back with the bound: no host read of their own
+        fallbacks = self._basis_fallbacks.take(bound.device)
+        read = bound.reshape(1) if fallbacks is None else torch.cat([bound.reshape(1), fallbacks])
+        values = read.cpu().tolist()  # the one host read
+        if fallbacks is not None:
+            report_fallbacks(values[1:])
+        _, smallest = self._limits_per_index(hypers)
+        if not values[0] <= 0.25 * min(smallest * smallest, _GRAM_SAFE_SQUARED_NORM):
+            return None
+        self._gradients_may_overflow = False  # for inspection
+        return Screen(math.sqrt(values[0]), False)
+
     def _gradients_are_fine(self, grads, indices, hypers) -> Optional[Screen]:
         """The screen over every gradient this rank holds, summed over ranks: its findings, None to skip
         the step, or FloatingPointError to refuse it; either way nothing is modified."""
+        if self._distribution.mode == "single":
+            screen = self._gradients_below_every_threshold(grads, hypers)
+            if screen is not None:
+                return screen
         count = self._distribution.num_params(self.param_groups)
         squares = torch.zeros(count, dtype=torch.float64)
         if grads:

@@ -347,13 +347,27 @@ class SOAP(SoapOptimizerBase):
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
         writes = PendingWrites()
         kl = group["factor_update"] == "kl"
-        ready = []
-        plans: Dict[Tuple, Plan] = {}  # a group's tensors come in a few shapes: one plan per shape
+        ready, kinds = [], []
+        # a group's tensors come in a few shapes: one plan per shape, and with it which bucket kind its
+        # tensors may join (a rotated matrix bucket, the elementwise bucket, or neither)
+        plans: Dict[Tuple, Tuple[Plan, str]] = {}
         for slot in slots:
             shapes = (slot.param.shape, slot.shape)
-            plan = plans.get(shapes)
-            if plan is None:
-                plan = plans[shapes] = plan_of(slot, group)
+            planned = plans.get(shapes)
+            if planned is None:
+                plan = plan_of(slot, group)
+                if len(plan.merged_shape) >= 2 and plan.is_preconditioned:
+                    kind = "matrix"
+                elif (
+                    not plan.is_preconditioned
+                    and not group["normalize_grads"]
+                    and plan.merged_shape == tuple(slot.param.shape)
+                ):
+                    kind = "elementwise"  # no rotation at all: plain Adam, batched over same-step tensors
+                else:
+                    kind = "single"
+                planned = plans[shapes] = (plan, kind)
+            plan, kind = planned
             grad = plan.to_merged(slot.grad)
             state = slot.state
             if not state:
@@ -361,28 +375,23 @@ class SOAP(SoapOptimizerBase):
             else:
                 _match_eigenvalues(state, kl)
                 ready.append((slot.param, grad, state, plan))
+                kinds.append(kind)
         steps = next_steps([state for _, _, state, _ in ready], writes)
-        ready = [_Item(*fields, step) for fields, step in zip(ready, steps)]
+        make = tuple.__new__  # _Item(...) without the keyword handling of a NamedTuple's __new__ (one per tensor)
+        ready = [make(_Item, (*fields, step)) for fields, step in zip(ready, steps)]
         if group["foreach"] is False:
             for item in _sequential_if_shared(ready, group, shampoo_beta, guard):
                 soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, item.step, guard, writes)
             return writes
         buckets: Dict[Tuple, List[_Item]] = {}
-        for item in ready:
-            step = item.step
-            full_second_moment = "exp_avg_sq" in item.state
-            if len(item.plan.merged_shape) >= 2 and full_second_moment and item.plan.is_preconditioned:
-                key = (item.plan.merged_shape, item.plan.preconditioned, item.grad.dtype, item.grad.device)
-            elif (
-                not item.plan.is_preconditioned
-                and full_second_moment
-                and not group["normalize_grads"]
-                and item.plan.merged_shape == tuple(item.param.shape)
-            ):
-                # no rotation at all: plain elementwise Adam, batched over same-step tensors
-                key = ("elementwise", item.grad.dtype, item.param.dtype, item.grad.device, step)
+        for item, kind in zip(ready, kinds):
+            param, grad, state, plan, step = item
+            if kind == "matrix" and "exp_avg_sq" in state:
+                key = (plan.merged_shape, plan.preconditioned, grad.dtype, grad.device)
+            elif kind == "elementwise" and "exp_avg_sq" in state:
+                key = ("elementwise", grad.dtype, param.dtype, grad.device, step)
             else:
-                soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, step, guard, writes)
+                soap_update_(param, grad, state, plan, group, shampoo_beta, step, guard, writes)
                 continue
             buckets.setdefault(key, []).append(item)
         if buckets:

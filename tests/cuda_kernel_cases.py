@@ -169,3 +169,29 @@ def test_adam_over_mixed_layouts_and_dtypes():
         _close(v, exp_v, 1e-6, 1e-6)
         tol = 1e-2 if dtypes[k] == torch.bfloat16 else 1e-6
         _close(params[k], expected, tol, tol)
+
+
+def test_lone_matrix_with_long_products_routed_to_cublas():
+    """A lone 64 x 4096 matrix with bases on both sides: 64 programs of 64 x 64 tiles on 132 SMs with a
+    4096-long loop, which the shape rule sends to torch.bmm on a GPU (the twin's products on the operands
+    rounded for each precision); rotate and unrotate against float64, every precision."""
+    assert _triton_common.rotation_prefers_cublas(1, 64, 4096, (4096, 64), "fp32")
+    shape = (1, 64, 4096) if ON_GPU else (1, 5, 40)
+    gen = _gen(5)
+    batch, m, n = shape
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    q_left, q_right = _orthonormal(batch, m, gen), _orthonormal(batch, n, gen)
+    rotated = q_left.mT @ g @ q_right
+    params = torch.randn(shape, generator=gen, dtype=torch.float64)
+    on = lambda t: t.to(DEVICE, torch.float32)  # noqa: E731
+    for precision in reference.PRECISIONS:
+        m_, v_ = torch.zeros(shape, device=DEVICE), torch.ones(shape, device=DEVICE)
+        d = fused.rotate_adam_(on(g), on(q_left), on(q_right), m_, v_, beta1=0.9, beta2=0.95, eps=1e-8,
+                               precision=precision)
+        tol = PRODUCT_TOL[precision] * 4
+        _close(m_, 0.1 * rotated, tol, tol)
+        _close(v_, 0.95 + 0.05 * rotated**2, tol, tol)
+        p = on(params)
+        fused.unrotate_apply_(d, on(q_left), on(q_right), p, step_size=0.1, decay=0.0, precision=precision)
+        expected = params - 0.1 * (q_left @ d.double().cpu() @ q_right.mT)
+        _close(p, expected, tol, tol)

@@ -668,6 +668,66 @@ def test_tall_k_grams_go_to_cublas_by_a_shape_rule():
     assert torch.equal(left, expected)
 
 
+def test_small_batch_rotations_go_to_cublas_by_a_shape_rule():
+    """A rotation whose grid of 64 x 64 tiles does not fill 132 SMs and whose longest product loops over
+    K >= 2048 goes to torch.bmm; buckets that fill the GPU, short loops and rotations without a basis stay
+    on the kernels."""
+    from soap_optim.kernels._triton_common import rotation_prefers_cublas as routes
+
+    for precision in reference.PRECISIONS:
+        assert routes(1, 64, 4096, (4096, 64), precision)  # 64 programs, a 4096-long loop
+        assert routes(1, 16, 4096, (4096,), precision)  # a LoRA-shaped factor, right basis only
+        assert routes(2, 128, 2048, (2048, 128), precision)  # 2 x 64 = 128 programs
+        assert not routes(3, 128, 2048, (2048, 128), precision)  # 192 programs fill the GPU
+        assert not routes(12, 64, 4096, (4096, 64), precision)  # a bucket of 12: 768 programs
+        assert not routes(1, 768, 768, (768, 768), precision)  # a transformer weight alone: short loops
+        assert not routes(1, 8, 24, (24, 8), precision)
+        assert not routes(1, 16, 4096, (), precision)  # no basis: no product
+        assert not routes(1, 2048, 2048, (2048, 2048), precision)  # 1024 programs
+
+
+@pytest.mark.parametrize("precision", reference.PRECISIONS)
+@pytest.mark.parametrize("sides", ["both", "left", "right"])
+def test_routed_rotations_are_the_twin_and_match_the_kernels(sides, precision, monkeypatch):
+    """With the rule's K threshold lowered so that small buckets route: the routed rotate and unrotate are the
+    twin's bits, and differ from the kernels' only as the twin does (the same rounded operands, float32 sums
+    in another order: within the kernel-vs-twin tolerance of each precision)."""
+    from soap_optim.kernels import _triton_common, rotate_adam, unrotate_apply
+
+    monkeypatch.setattr(_triton_common, "_ROTATION_LONG_K", 1)
+    gen = _generator("routed", sides, precision)
+    batch, m, n = 2, 19, 11
+    assert _triton_common.rotation_prefers_cublas(batch, m, n, (n, m), precision)
+    g = torch.randn(batch, m, n, generator=gen)
+    q_left, q_right = _bases(batch, m, n, sides, gen)
+    moments = _moments(batch, m, n, gen)
+    kwargs = dict(beta1=0.9, beta2=0.95, eps=1e-8, precision=precision)
+    runs = {}
+    for name, call in (
+        ("twin", lambda *a: twin.rotate_adam_(*a, **kwargs)),
+        ("routed", lambda *a: rotate_adam.rotate_adam_impl(*a, **kwargs, route_to_cublas=True)),
+        ("kernel", lambda *a: rotate_adam.rotate_adam_impl(*a, **kwargs, route_to_cublas=False)),
+    ):
+        exp_avg, exp_avg_sq = moments[0].clone(), moments[1].clone()
+        runs[name] = [call(g, q_left, q_right, exp_avg, exp_avg_sq), exp_avg, exp_avg_sq]
+    params = torch.randn(batch, m, n, generator=gen)
+    for normalize in (False, True):
+        step = dict(step_size=torch.full((batch,), 0.01), decay=0.001, normalize=normalize, precision=precision)
+        for name, call in (
+            ("twin", lambda *a: twin.unrotate_apply_(*a, **step)),
+            ("routed", lambda *a: unrotate_apply.unrotate_apply_impl(*a, **step, route_to_cublas=True)),
+            ("kernel", lambda *a: unrotate_apply.unrotate_apply_impl(*a, **step, route_to_cublas=False)),
+        ):
+            updated = params.clone()
+            call(runs[name][0], q_left, q_right, updated)
+            runs[name].append(updated)
+    for routed, expected in zip(runs["routed"], runs["twin"]):
+        assert torch.equal(routed, expected)
+    for routed, kernel in zip(runs["routed"], runs["kernel"]):
+        _assert_close(routed, kernel, ROTATION_TOL[precision])
+    assert not torch.equal(runs["routed"][3], params)  # the update happened
+
+
 _CONFIG_RULES = """
 import triton
 import soap_optim.kernels._triton_common as common

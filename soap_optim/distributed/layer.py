@@ -280,9 +280,11 @@ class Distribution:
         roles = self.plan(optimizer, groups, hypers)
         work: List[List[WorkItem]] = [[] for _ in groups]
         if roles is None:  # one process: every parameter, as it is
+            make = tuple.__new__  # WorkItem(...) without the keyword handling of a NamedTuple's __new__
             for index, (gi, pi, param) in enumerate(self._entries):
-                if param.grad is not None:
-                    work[gi].append(WorkItem(param, param, param.grad, gi, pi, index))
+                grad = param.grad
+                if grad is not None:
+                    work[gi].append(make(WorkItem, (param, param, grad, gi, pi, index, True)))
             return work
         self._pending = {}
         owned: List[int] = []
