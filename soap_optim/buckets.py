@@ -1,49 +1,154 @@
-"""Same-shaped state tensors of a param group kept as rows of one stacked buffer.
+"""Same-shaped state tensors of a param group kept as rows of one stacked buffer (a pool).
 
-The batched path steps a bucket of B same-shaped parameters with one call per stage on [B, ...]
-tensors. Stacking the state afresh every step would copy every factor and basis (B d^2 numbers each)
-twice per step; instead each parameter's state entry *is* a row view of one buffer, so once a bucket
-is formed its buffers are used in place. A bucket whose membership changes (a parameter without a
-gradient this step) is re-stacked once, by copy; a member left out of the new buffer must then get storage
-of its own (:func:`own_storage`, which the optimizer base applies to every parameter not stepped), or its
-row would keep the whole old buffer alive.
+The batched path steps a bucket of B same-shaped parameters with one call per stage on [B, ...] tensors.
+Stacking the state afresh every step would copy every factor and basis (B d^2 numbers each) twice per
+step; instead each parameter's state entry *is* a row view of one pool per entry kind, and each member
+keeps its row whether it has a gradient or not. A step in which every member takes part, in row order,
+uses the pools in place. A step in which only some do (mixture-of-experts routing, LayerDrop, frozen
+layers) gathers their rows (``index_select``: the copy that computing the new values into buffers of their
+own needs anyway) and writes the new values back into the same rows (``index_copy_``): nothing is
+re-stacked and no row is left without an owner, so the state holds no storage beyond its own bytes.
+
+Entries that are not rows of one pool yet (a new state, a loaded one) are stacked into a new pool, which
+may leave rows nobody uses in the pools they came from; :func:`release_unused_rows` (which the optimizer
+base runs after such a step only) merges the members of such a pool into one again.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+# An entry kind: a state key, and the position in the key's list (None for a tensor entry).
+Kind = Tuple[str, Optional[int]]
 
-def _stacked_base(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The [B, ...] tensor whose rows are exactly ``tensors``, in order, or None."""
-    base = tensors[0]._base
-    if base is None or not base.is_contiguous() or tuple(base.shape) != (len(tensors), *tensors[0].shape):
+
+def _entry(state: Dict[str, Any], kind: Kind) -> torch.Tensor:
+    key, index = kind
+    return state[key] if index is None else state[key][index]
+
+
+def _set_entry(state: Dict[str, Any], kind: Kind, value: torch.Tensor) -> None:
+    key, index = kind
+    if index is None:
+        state[key] = value
+    else:
+        state[key][index] = value
+
+
+def pooled_rows(tensors: Sequence[torch.Tensor]) -> Optional[Tuple[torch.Tensor, List[int]]]:
+    """(pool, rows): the contiguous [N, ...] tensor of which ``tensors`` are rows, and their row numbers,
+    or None when they are not distinct rows of one such tensor."""
+    first = tensors[0]
+    base = first._base
+    shape = first.shape
+    if base is None or base.dim() != first.dim() + 1 or base.shape[1:] != shape or not base.is_contiguous():
         return None
-    offset, row = base.storage_offset(), base.stride(0)
+    start, row = base.storage_offset(), base.stride(0)
+    if row == 0:
+        return None
+    rows = []
     for tensor in tensors:
-        if tensor._base is not base or tensor.storage_offset() != offset:
+        if tensor._base is not base or tensor.shape != shape or not tensor.is_contiguous():
             return None
-        offset += row
-    return base
+        number, rest = divmod(tensor.storage_offset() - start, row)
+        if rest:
+            return None
+        rows.append(number)
+    if len(set(rows)) != len(rows):
+        return None
+    return base, rows
 
 
-def stacked_state(states: Sequence[Dict[str, Any]], key: str, index: Optional[int] = None) -> torch.Tensor:
-    """[B, ...] buffer of ``state[key]`` (or ``state[key][index]``) over ``states``; rows are the entries.
+def _stack_into_pool(states: Sequence[Dict[str, Any]], kind: Kind) -> torch.Tensor:
+    """A new pool holding the entries of ``states`` in order; the entries become its rows."""
+    pool = torch.stack([_entry(state, kind) for state in states]).contiguous()  # stack keeps the inputs' strides
+    # one unbind makes every row view (half the time of indexing row by row)
+    for state, row in zip(states, pool.unbind(0)):
+        _set_entry(state, kind, row)
+    return pool
 
-    Entries that are not yet rows of one buffer are stacked into a new one and replaced by its rows.
-    """
-    tensors: List[torch.Tensor] = [s[key] if index is None else s[key][index] for s in states]
-    base = _stacked_base(tensors)
-    if base is None:
-        base = torch.stack(tensors).contiguous()  # stack keeps the inputs' strides
-        # one unbind makes every row view (half the time of indexing row by row)
-        for state, row in zip(states, base.unbind(0)):
-            if index is None:
-                state[key] = row
-            else:
-                state[key][index] = row
-    return base
+
+def bucket_pools(
+    states: Sequence[Dict[str, Any]], kinds: Sequence[Kind]
+) -> Tuple[List[torch.Tensor], Optional[List[int]], bool]:
+    """The pool of every entry kind of ``states`` and the states' rows in them, one row order for all
+    kinds (None: the states are every row of every pool, in order), and whether entries were stacked into
+    new pools (the pools they left may hold rows nobody uses: see :func:`release_unused_rows`).
+
+    Entries that are not rows of one pool per kind, at the same rows for every kind, are stacked into new
+    pools that hold just these states (the values stay as they are)."""
+    pools: List[torch.Tensor] = []
+    order: Optional[List[int]] = None
+    for kind in kinds:
+        found = pooled_rows([_entry(state, kind) for state in states])
+        if found is None or (order is not None and found[1] != order):
+            break
+        pools.append(found[0])
+        order = found[1]
+    else:
+        everyone = order == list(range(len(states))) and all(pool.shape[0] == len(states) for pool in pools)
+        return pools, None if everyone else order, False
+    return [_stack_into_pool(states, kind) for kind in kinds], None, True
+
+
+def release_unused_rows(groups: Sequence[Sequence[Dict[str, Any]]]) -> None:
+    """Give no storage to rows nobody uses: wherever the entries on one storage (a pool, or a flat buffer
+    of ``flat_state``) no longer cover it, re-stack them.
+
+    ``groups``: the states of each param group, in parameter order. Where a pool has unused rows, the
+    entries of its kind of every state of the same group and layout (the shapes of all its entries: what
+    the members of a bucket share) are merged into one pool, in parameter order, those in storage of their
+    own included (the members a new state or a loaded one brought): a bucket's members then stay in one
+    pool whichever of them take part in a step. Other entries on a storage with unused bytes (slices of a
+    flat buffer) are stacked by group, layout and kind. The values stay as they are. Allocates: if
+    that fails the layout stays as it was (the caller retries later)."""
+    covered: Dict[Tuple, int] = defaultdict(int)
+    sizes: Dict[Tuple, int] = {}
+    classes: Dict[Tuple, List[Tuple[Dict[str, Any], Kind, Optional[Tuple]]]] = defaultdict(list)
+    for group_index, states in enumerate(groups):
+        for state in states:
+            entries = [
+                ((key, index), tensor)
+                for key, value in state.items()
+                for index, tensor in (enumerate(value) if isinstance(value, list) else [(None, value)])
+                if isinstance(tensor, torch.Tensor) and tensor.numel()
+            ]
+            # states of one layout (shapes of every entry: what a bucket's members share) pool together
+            layout = tuple((kind, tensor.shape, tensor.dtype, tensor.device) for kind, tensor in entries)
+            for kind, tensor in entries:
+                storage = tensor.untyped_storage()
+                own = tensor.numel() * tensor.element_size()
+                base = tensor._base
+                is_row = base is not None and base.dim() == tensor.dim() + 1 and base.shape[1:] == tensor.shape
+                where = None
+                if storage.nbytes() != own:
+                    where = (tensor.device, storage.data_ptr())
+                    covered[where] += own
+                    sizes[where] = storage.nbytes()
+                name = "row" if is_row or where is None else "slice"
+                classes[(name, group_index, layout, kind)].append((state, kind, where))
+    unused = {where for where, size in sizes.items() if covered[where] != size}
+    if not unused:
+        return
+    for name, members in classes.items():
+        if name[0] == "slice":
+            moved = [(state, kind) for state, kind, where in members if where in unused]
+        elif any(where in unused for _, _, where in members):
+            # rows of pools and entries of their own alike: one pool for the whole class
+            moved = [(state, kind) for state, kind, _ in members]
+        else:
+            continue
+        if not moved:
+            continue
+        if len(moved) == 1:
+            state, kind = moved[0]
+            _set_entry(state, kind, _entry(state, kind).clone(memory_format=torch.contiguous_format))
+            continue
+        pool = torch.stack([_entry(state, kind) for state, kind in moved]).contiguous()
+        for (state, kind), row in zip(moved, pool.unbind(0)):
+            _set_entry(state, kind, row)
 
 
 def _flat_base(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -59,27 +164,33 @@ def _flat_base(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     return base if offset == base.storage_offset() + base.numel() else None
 
 
-def flat_state(states: Sequence[Dict[str, Any]], key: str) -> torch.Tensor:
-    """1-D buffer holding ``state[key]`` of every state back to back; the entries are views of it.
+def flat_state(states: Sequence[Dict[str, Any]], key: str) -> Tuple[torch.Tensor, bool]:
+    """1-D buffer holding ``state[key]`` of every state back to back; the entries are views of it. And
+    whether it is new (the entries left the buffers they were views of: see :func:`release_unused_rows`).
 
     For tensors of different shapes stepped elementwise alike: one op over the buffer replaces one per
     tensor. Entries that do not tile one buffer yet are concatenated into a new one and replaced by views.
     """
     tensors: List[torch.Tensor] = [s[key] for s in states]
     base = _flat_base(tensors)
-    if base is None:
-        base = torch.cat([t.reshape(-1) for t in tensors])
-        offset = 0
-        for state, tensor in zip(states, tensors):
-            state[key] = base[offset : offset + tensor.numel()].view(tensor.shape)
-            offset += tensor.numel()
-    return base
+    if base is not None:
+        return base, False
+    base = torch.cat([t.reshape(-1) for t in tensors])
+    offset = 0
+    for state, tensor in zip(states, tensors):
+        state[key] = base[offset : offset + tensor.numel()].view(tensor.shape)
+        offset += tensor.numel()
+    return base, True
 
 
-def own_storage(states: Sequence[Dict[str, Any]], key: str) -> None:
+def own_storage(states: Sequence[Dict[str, Any]], key: str) -> bool:
     """Replace ``state[key]`` by a copy in storage of its own wherever it is a view of a larger buffer (a
-    row or slice of a bucket it no longer shares with anyone), so that it does not keep that buffer alive."""
+    row or slice of a bucket it no longer shares with anyone), so that it does not keep that buffer alive.
+    Whether anything was replaced."""
+    replaced = False
     for state in states:
         tensor = state[key]
         if tensor._base is not None and tensor._base.numel() > tensor.numel():
             state[key] = tensor.clone(memory_format=torch.contiguous_format)
+            replaced = True
+    return replaced
