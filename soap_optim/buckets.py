@@ -11,7 +11,8 @@ re-stacked and no row is left without an owner, so the state holds no storage be
 
 Entries that are not rows of one pool yet (a new state, a loaded one) are stacked into a new pool, which
 may leave rows nobody uses in the pools they came from; :func:`release_unused_rows` (which the optimizer
-base runs after such a step only) merges the members of such a pool into one again.
+base runs after such a step only) merges the members of such a pool into one again. Tensors stepped
+elementwise (biases, norm gains: different shapes) share one flat buffer the same way (:func:`flat_state`).
 """
 from __future__ import annotations
 
@@ -95,15 +96,15 @@ def bucket_pools(
 
 def release_unused_rows(groups: Sequence[Sequence[Dict[str, Any]]]) -> None:
     """Give no storage to rows nobody uses: wherever the entries on one storage (a pool, or a flat buffer
-    of ``flat_state``) no longer cover it, re-stack them.
+    of :func:`flat_state`) no longer cover it, re-stack them.
 
     ``groups``: the states of each param group, in parameter order. Where a pool has unused rows, the
     entries of its kind of every state of the same group and layout (the shapes of all its entries: what
     the members of a bucket share) are merged into one pool, in parameter order, those in storage of their
-    own included (the members a new state or a loaded one brought): a bucket's members then stay in one
-    pool whichever of them take part in a step. Other entries on a storage with unused bytes (slices of a
-    flat buffer) are stacked by group, layout and kind. The values stay as they are. Allocates: if
-    that fails the layout stays as it was (the caller retries later)."""
+    own included (the members a new state or a loaded one brought); where a flat buffer has unused bytes,
+    the slices of flat buffers of its kind in the group are concatenated into one. A bucket's members then
+    stay in one pool (or flat buffer) whichever of them take part in a step. The values stay as they are.
+    Allocates: if that fails, the layout stays as it was (the caller retries later)."""
     covered: Dict[Tuple, int] = defaultdict(int)
     sizes: Dict[Tuple, int] = {}
     classes: Dict[Tuple, List[Tuple[Dict[str, Any], Kind, Optional[Tuple]]]] = defaultdict(list)
@@ -127,70 +128,72 @@ def release_unused_rows(groups: Sequence[Sequence[Dict[str, Any]]]) -> None:
                     where = (tensor.device, storage.data_ptr())
                     covered[where] += own
                     sizes[where] = storage.nbytes()
-                name = "row" if is_row or where is None else "slice"
-                classes[(name, group_index, layout, kind)].append((state, kind, where))
+                if is_row or where is None:
+                    classes[("row", group_index, layout, kind)].append((state, kind, where))
+                else:  # a slice of a flat buffer (or of a storage shared without a view: a copy, a load)
+                    classes[("flat", group_index, kind, tensor.dtype, tensor.device)].append((state, kind, where))
     unused = {where for where, size in sizes.items() if covered[where] != size}
     if not unused:
         return
     for name, members in classes.items():
-        if name[0] == "slice":
-            moved = [(state, kind) for state, kind, where in members if where in unused]
-        elif any(where in unused for _, _, where in members):
-            # rows of pools and entries of their own alike: one pool for the whole class
-            moved = [(state, kind) for state, kind, _ in members]
-        else:
+        if not any(where in unused for _, _, where in members):
             continue
-        if not moved:
-            continue
+        # the whole class in one pool or flat buffer: its members then stay in one whichever take part
+        moved = [(state, kind) for state, kind, _ in members]
+        tensors = [_entry(state, kind) for state, kind in moved]
         if len(moved) == 1:
-            state, kind = moved[0]
-            _set_entry(state, kind, _entry(state, kind).clone(memory_format=torch.contiguous_format))
-            continue
-        pool = torch.stack([_entry(state, kind) for state, kind in moved]).contiguous()
-        for (state, kind), row in zip(moved, pool.unbind(0)):
-            _set_entry(state, kind, row)
+            _set_entry(*moved[0], tensors[0].clone(memory_format=torch.contiguous_format))
+        elif name[0] == "row":
+            pool = torch.stack(tensors).contiguous()
+            for (state, kind), row in zip(moved, pool.unbind(0)):
+                _set_entry(state, kind, row)
+        else:
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            for (state, kind), piece in zip(moved, flat.split([t.numel() for t in tensors])):
+                _set_entry(state, kind, piece.view(_entry(state, kind).shape))
 
 
-def _flat_base(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The 1-D tensor that ``tensors`` tile, in order and back to back, or None."""
+def _flat_base(tensors: Sequence[torch.Tensor]) -> Optional[Tuple[torch.Tensor, bool]]:
+    """(base, whole): the 1-D tensor of which ``tensors`` are distinct contiguous slices, and whether they
+    tile it, in order and back to back; or None."""
     base = tensors[0]._base
     if base is None or base.dim() != 1 or not base.is_contiguous():
         return None
-    offset = base.storage_offset()
+    start = base.storage_offset()
+    offset, in_order, spans = start, True, []
     for tensor in tensors:
-        if tensor._base is not base or tensor.storage_offset() != offset or not tensor.is_contiguous():
+        if tensor._base is not base or not tensor.is_contiguous():
             return None
-        offset += tensor.numel()
-    return base if offset == base.storage_offset() + base.numel() else None
+        in_order = in_order and tensor.storage_offset() == offset
+        spans.append((tensor.storage_offset(), tensor.numel()))
+        offset = tensor.storage_offset() + tensor.numel()
+    if not in_order:
+        spans.sort()
+        if any(first + size > second for (first, size), (second, _) in zip(spans, spans[1:])):
+            return None  # overlapping slices
+    return base, in_order and offset == start + base.numel()
 
 
-def flat_state(states: Sequence[Dict[str, Any]], key: str) -> Tuple[torch.Tensor, bool]:
-    """1-D buffer holding ``state[key]`` of every state back to back; the entries are views of it. And
-    whether it is new (the entries left the buffers they were views of: see :func:`release_unused_rows`).
+def flat_state(states: Sequence[Dict[str, Any]], key: str) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]], bool]:
+    """``state[key]`` of every state back to back in one 1-D tensor, for tensors of different shapes
+    stepped elementwise alike (one op over it replaces one per tensor): (flat, members, relaid).
 
-    For tensors of different shapes stepped elementwise alike: one op over the buffer replaces one per
-    tensor. Entries that do not tile one buffer yet are concatenated into a new one and replaced by views.
+    * The entries tile one buffer, in order: that buffer, None, False (used in place).
+    * They are some slices of one buffer (the members of a flat pool that take part in this step): their
+      concatenation, the entries (to write the new values back into), False.
+    * Otherwise they are concatenated into a new buffer and replaced by views of it: the buffer, None,
+      True (the buffers they left may hold slices nobody uses: see :func:`release_unused_rows`).
     """
     tensors: List[torch.Tensor] = [s[key] for s in states]
-    base = _flat_base(tensors)
-    if base is not None:
-        return base, False
+    found = _flat_base(tensors)
+    if found is not None:
+        base, whole = found
+        if whole:
+            return base, None, False
+        return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors]), tensors, False
     base = torch.cat([t.reshape(-1) for t in tensors])
     offset = 0
     for state, tensor in zip(states, tensors):
         state[key] = base[offset : offset + tensor.numel()].view(tensor.shape)
         offset += tensor.numel()
-    return base, True
-
-
-def own_storage(states: Sequence[Dict[str, Any]], key: str) -> bool:
-    """Replace ``state[key]`` by a copy in storage of its own wherever it is a view of a larger buffer (a
-    row or slice of a bucket it no longer shares with anyone), so that it does not keep that buffer alive.
-    Whether anything was replaced."""
-    replaced = False
-    for state in states:
-        tensor = state[key]
-        if tensor._base is not None and tensor._base.numel() > tensor.numel():
-            state[key] = tensor.clone(memory_format=torch.contiguous_format)
-            replaced = True
-    return replaced
+    return base, None, True

@@ -29,7 +29,7 @@ from .eigenbasis.kl import (
     new_eigenvalues,
     whitened_unfoldings,
 )
-from .buckets import bucket_pools, flat_state, own_storage
+from .buckets import bucket_pools, flat_state
 from .dispatch import get_ops, resolve_ops
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
 from .optimizer import Screen, Slot, SoapOptimizerBase, advance_step_counts, new_step_count
@@ -795,23 +795,29 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops, wri
     states = [item.state for item in items]
     params = [item.param for item in items]
     if len(items) == 1:
-        # out of a flat buffer that other members have left
-        writes.relaid |= own_storage(states, "exp_avg") | own_storage(states, "exp_avg_sq")
+        # the entries where they are (a slice of a flat buffer, or storage of their own)
         exp_avg, exp_avg_sq, grad = states[0]["exp_avg"], states[0]["exp_avg_sq"], items[0].grad
-        new_params = params[0].clone()
-    else:
-        (exp_avg, new_first), (exp_avg_sq, new_second) = flat_state(states, "exp_avg"), flat_state(states, "exp_avg_sq")
-        writes.relaid |= new_first or new_second
-        # 1-D tensors (biases, norm gains: the usual members) go to cat as they are, no reshape call each
-        grad = torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in (item.grad for item in items)])
-        new_params = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in params])
-    new_exp_avg, new_exp_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
-    ops.adam_(new_params, grad, new_exp_avg, new_exp_avg_sq, **kwargs)
-    writes.copy(exp_avg, new_exp_avg)
-    writes.copy(exp_avg_sq, new_exp_avg_sq)
-    if len(items) == 1:
+        new_exp_avg, new_exp_avg_sq, new_params = exp_avg.clone(), exp_avg_sq.clone(), params[0].clone()
+        writes.copy(exp_avg, new_exp_avg)
+        writes.copy(exp_avg_sq, new_exp_avg_sq)
+        ops.adam_(new_params, grad, new_exp_avg, new_exp_avg_sq, **kwargs)
         writes.copy(params[0], new_params)
         return
+    new_moments = []
+    for key in ("exp_avg", "exp_avg_sq"):
+        flat, members, relaid = flat_state(states, key)
+        writes.relaid |= relaid
+        new = flat.clone() if members is None else flat  # some members: gathered, already a buffer of its own
+        if members is None:
+            writes.copy(flat, new)
+        else:
+            for entry, piece in zip(members, new.split([t.numel() for t in members])):
+                writes.copy(entry, piece if entry.dim() == 1 else piece.view(entry.shape))
+        new_moments.append(new)
+    # 1-D tensors (biases, norm gains: the usual members) go to cat as they are, no reshape call each
+    grad = torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in (item.grad for item in items)])
+    new_params = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in params])
+    ops.adam_(new_params, grad, *new_moments, **kwargs)
     for param, row in zip(params, new_params.split([p.numel() for p in params])):
         writes.copy(param, row if param.dim() == 1 else row.view_as(param))
 
