@@ -623,8 +623,9 @@ def soap_bucket_update_(
 ) -> None:
     """One SOAP step for a bucket of parameters with one merged shape (2-D or more), through batched ops.
 
-    State lives in stacked [B, ...] buffers (see ``buckets``); gradients and parameters are stacked for
-    the step. A matrix is rotated on both sides inside the fused ops. A tensor of K >= 3 merged axes
+    State lives in pools, one stacked [N, ...] buffer per entry kind with a row per member (see
+    ``buckets``): used in place when every member takes part, else the members' rows are gathered and the
+    new values written back into them; gradients and parameters are stacked for the step. A matrix is rotated on both sides inside the fused ops. A tensor of K >= 3 merged axes
     is rotated on axes 1..K-1 by batched products first and on axis K (the right side of its
     [rows, d_K] matrix view) inside the fused ops, whose epilogues hold the Adam update and the
     parameter update; mode products on different axes commute, so the order is free. The new moments
