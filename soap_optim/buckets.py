@@ -17,7 +17,7 @@ elementwise (biases, norm gains: different shapes) share one flat buffer the sam
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -71,15 +71,40 @@ def _stack_into_pool(states: Sequence[Dict[str, Any]], kind: Kind) -> torch.Tens
     return pool
 
 
+# Steps in a row with the same members taking part after which they get pools of their own (frozen layers:
+# the others are not coming back soon, and gathering the rows every step costs a copy in and out that a
+# pool of their own does not). Random participation (experts) almost never repeats a set this often.
+STEADY_STEPS = 3
+
+
+class Pools(NamedTuple):
+    pools: List[torch.Tensor]  # one per entry kind
+    rows: Optional[List[int]]  # the states' rows in every pool (None: every row, in order)
+    relaid: bool  # entries were stacked into new pools: the pools they left may hold rows nobody uses
+    apart: bool  # the new pools hold members that keep taking part without the others: not to be merged back
+
+
+def _steady(history: Dict[Tuple, Tuple[Tuple[int, ...], int]], pool: torch.Tensor, rows: List[int]) -> bool:
+    """Whether these rows of ``pool`` have taken part alone for :data:`STEADY_STEPS` steps in a row,
+    counting this one (``history``: the last rows and count per pool, updated here)."""
+    if len(history) > 4096:  # pools long gone (a storage address may be reused: a miscount costs speed only)
+        history.clear()
+    key = (pool.device, pool.untyped_storage().data_ptr())
+    last, count = history.get(key, ((), 0))
+    count = count + 1 if last == tuple(rows) else 1
+    history[key] = (tuple(rows), count)
+    return count >= STEADY_STEPS
+
+
 def bucket_pools(
-    states: Sequence[Dict[str, Any]], kinds: Sequence[Kind]
-) -> Tuple[List[torch.Tensor], Optional[List[int]], bool]:
-    """The pool of every entry kind of ``states`` and the states' rows in them, one row order for all
-    kinds (None: the states are every row of every pool, in order), and whether entries were stacked into
-    new pools (the pools they left may hold rows nobody uses: see :func:`release_unused_rows`).
+    states: Sequence[Dict[str, Any]], kinds: Sequence[Kind], history: Optional[Dict] = None
+) -> Pools:
+    """The pool of every entry kind of ``states`` and the states' rows in them, one row order for all kinds.
 
     Entries that are not rows of one pool per kind, at the same rows for every kind, are stacked into new
-    pools that hold just these states (the values stay as they are)."""
+    pools that hold just these states (the values stay as they are); so are the entries of states that
+    took part without the rest of their pools for :data:`STEADY_STEPS` steps in a row (``history``: a dict
+    kept by the caller between steps; None: never)."""
     pools: List[torch.Tensor] = []
     order: Optional[List[int]] = None
     for kind in kinds:
@@ -89,12 +114,15 @@ def bucket_pools(
         pools.append(found[0])
         order = found[1]
     else:
-        everyone = order == list(range(len(states))) and all(pool.shape[0] == len(states) for pool in pools)
-        return pools, None if everyone else order, False
-    return [_stack_into_pool(states, kind) for kind in kinds], None, True
+        if order == list(range(len(states))) and all(pool.shape[0] == len(states) for pool in pools):
+            return Pools(pools, None, False, False)
+        if history is None or not _steady(history, pools[0], order):
+            return Pools(pools, order, False, False)
+        return Pools([_stack_into_pool(states, kind) for kind in kinds], None, True, True)
+    return Pools([_stack_into_pool(states, kind) for kind in kinds], None, True, False)
 
 
-def release_unused_rows(groups: Sequence[Sequence[Dict[str, Any]]]) -> None:
+def release_unused_rows(groups: Sequence[Sequence[Dict[str, Any]]], apart: Sequence[torch.Tensor] = ()) -> None:
     """Give no storage to rows nobody uses: wherever the entries on one storage (a pool, or a flat buffer
     of :func:`flat_state`) no longer cover it, re-stack them.
 
@@ -103,7 +131,9 @@ def release_unused_rows(groups: Sequence[Sequence[Dict[str, Any]]]) -> None:
     the members of a bucket share) are merged into one pool, in parameter order, those in storage of their
     own included (the members a new state or a loaded one brought); where a flat buffer has unused bytes,
     the slices of flat buffers of its kind in the group are concatenated into one. A bucket's members then
-    stay in one pool (or flat buffer) whichever of them take part in a step. The values stay as they are.
+    stay in one pool (or flat buffer) whichever of them take part in a step; but the rows of the pools in
+    ``apart`` (new pools of members that take part without the others, see :func:`bucket_pools`) stay
+    where they are, and the others of their kind are merged without them. The values stay as they are.
     Allocates: if that fails, the layout stays as it was (the caller retries later)."""
     covered: Dict[Tuple, int] = defaultdict(int)
     sizes: Dict[Tuple, int] = {}
@@ -135,11 +165,12 @@ def release_unused_rows(groups: Sequence[Sequence[Dict[str, Any]]]) -> None:
     unused = {where for where, size in sizes.items() if covered[where] != size}
     if not unused:
         return
+    kept = {(pool.device, pool.untyped_storage().data_ptr()) for pool in apart}
     for name, members in classes.items():
         if not any(where in unused for _, _, where in members):
             continue
         # the whole class in one pool or flat buffer: its members then stay in one whichever take part
-        moved = [(state, kind) for state, kind, _ in members]
+        moved = [(state, kind) for state, kind, where in members if where not in kept]
         tensors = [_entry(state, kind) for state, kind in moved]
         if len(moved) == 1:
             _set_entry(*moved[0], tensors[0].clone(memory_format=torch.contiguous_format))

@@ -747,7 +747,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             for i, (hyper, slots) in enumerate(work)
         ])
         held = []
-        relaid = False  # whether some group's math moved state entries to new storage
+        relaid, apart = False, []  # whether some group's math moved state entries to new storage; pools kept apart
         fallbacks = FallbackCounts()
         try:
             # the preconditioner's products ignore the user's TF32/bf16 settings
@@ -757,6 +757,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                         writes = self._step_group(hyper, slots, screen)
                         if writes is not None:
                             relaid |= writes.relaid
+                            apart += writes.apart
                             held.append(writes)
                             if shared:
                                 held.pop().apply()
@@ -771,7 +772,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         if saved is not None:
             self._keep_where_passed(screen.passed, saved)
         if relaid or self._unused_rows_possible:
-            self._release_unused_rows()
+            self._release_unused_rows(apart)
         self._distribution.scatter(self)
         record = self._record_layouts
         if record is None:
@@ -798,22 +799,23 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         rather than writing in place. Default: it writes in place."""
         return False
 
-    def _release_unused_rows(self) -> None:
+    def _release_unused_rows(self, apart: Sequence[torch.Tensor] = ()) -> None:
         """Re-stack the state entries on a storage that has rows nobody uses (see
         :func:`soap_optim.buckets.release_unused_rows`), so that the state holds no memory beyond its own
         bytes (nor does a saved state dict). Needed only where entries may have left a bucket's pool: the
         math stacked entries into a new pool (a new member, a loaded state), state was dropped (``state.pop``,
         a reset, a parameter removed from its group), a failed step was undone, or the state arrived
         through a copy or a load; a step whose members all keep their rows (whichever of them has a
-        gradient) runs none of it. Values are unchanged; if the new storage cannot be allocated, the layout
-        stays and is tidied after a later step."""
+        gradient) runs none of it. ``apart``: new pools of members that keep taking part without the others
+        (frozen layers), left as they are. Values are unchanged; if the new storage cannot be allocated, the
+        layout stays and is tidied after a later step."""
         in_groups = {id(param) for group in self.param_groups for param in group["params"]}
         groups = [[self.state[p] for p in group["params"] if self.state.get(p)] for group in self.param_groups]
         groups.append([
             state for param, state in self.state.items() if id(param) not in in_groups and isinstance(state, dict)
         ])
         try:
-            release_unused_rows(groups)
+            release_unused_rows(groups, apart)
         except (RuntimeError, MemoryError):  # out of memory: values are unchanged either way
             self._unused_rows_possible = True
             return

@@ -26,13 +26,15 @@ class PendingWrites:
     """New values and in-place updates waiting to be applied, in this order: copies, updates, refreshes.
 
     ``relaid``: the math moved state entries into new storage (see :mod:`soap_optim.buckets`), which may
-    leave rows nobody uses in the buffers they left; the optimizer base then releases them."""
+    leave rows nobody uses in the buffers they left; the optimizer base then releases them, leaving the
+    new pools in ``apart`` as they are."""
 
     def __init__(self) -> None:
         self._targets: List[torch.Tensor] = []
         self._values: List[torch.Tensor] = []
         self._rows: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.relaid = False
+        self.apart: List[torch.Tensor] = []
         self._updates: List[Callable[[], None]] = []
         self._refreshes: List[Callable[[], None]] = []
 

@@ -385,12 +385,13 @@ class SOAP(SoapOptimizerBase):
                 continue
             buckets.setdefault(key, []).append(item)
         if buckets:
+            participation = self.__dict__.setdefault("_participation", {})  # see buckets.bucket_pools
             ops = resolve_ops(group["fused"], (item.state["exp_avg"] for items in buckets.values() for item in items))
             for key, items in buckets.items():
                 if key[0] == "elementwise":
                     soap_elementwise_update_(items, group, ops, writes)
                 else:
-                    soap_bucket_update_(items, group, shampoo_beta, ops, writes, guard)
+                    soap_bucket_update_(items, group, shampoo_beta, ops, writes, guard, participation)
         return writes
 
 
@@ -619,7 +620,8 @@ def _refresh_one_(state: Dict[str, Any], group: Dict[str, Any]) -> None:
 
 
 def soap_bucket_update_(
-    items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops, writes: PendingWrites, guard: bool = True
+    items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops, writes: PendingWrites, guard: bool = True,
+    history: Optional[Dict] = None,
 ) -> None:
     """One SOAP step for a bucket of parameters with one merged shape (2-D or more), through batched ops.
 
@@ -630,7 +632,8 @@ def soap_bucket_update_(
     [rows, d_K] matrix view) inside the fused ops, whose epilogues hold the Adam update and the
     parameter update; mode products on different axes commute, so the order is free. The new moments
     and parameters are computed into buffers of their own and left in ``writes``, with the factor EMA
-    and the refresh.
+    and the refresh. ``history``: which members took part in earlier steps, per pool, kept by the caller
+    (see ``buckets.bucket_pools``).
     """
     items = _sequential_if_shared(items, group, shampoo_beta, guard)
     if not items:
@@ -644,8 +647,10 @@ def soap_bucket_update_(
     kinds = [("bases", k) for k in axes] + [("factors", k) for k in axes] + [("exp_avg", None), ("exp_avg_sq", None)]
     if kl:
         kinds += [("eigenvalues", k) for k in axes]
-    pools, rows, relaid = bucket_pools(states, kinds)
+    pools, rows, relaid, apart = bucket_pools(states, kinds, history)
     writes.relaid |= relaid
+    if apart:
+        writes.apart.extend(pools)
     pool_of = dict(zip(kinds, pools))
     index = None if rows is None else torch.tensor(rows, device=pools[0].device)
     # every member: the pools themselves; some members: their rows gathered, new values written back into them

@@ -61,7 +61,7 @@ def test_members_keep_their_rows_whichever_take_part(options, monkeypatch):
             opt.step()
         layout = _layout(opt, params)
         released = []
-        monkeypatch.setattr(base, "release_unused_rows", lambda groups: released.append(1))
+        monkeypatch.setattr(base, "release_unused_rows", lambda groups, apart=(): released.append(1))
         gen = torch.Generator().manual_seed(7)
         for _ in range(12):
             _random_grads(params, gen)
@@ -139,7 +139,7 @@ def test_a_release_that_cannot_allocate_is_retried(monkeypatch):
     real = base.release_unused_rows
     calls = []
 
-    def out_of_memory(groups):
+    def out_of_memory(groups, apart=()):
         calls.append(1)
         raise RuntimeError("out of memory (injected)")
 
@@ -155,3 +155,33 @@ def test_a_release_that_cannot_allocate_is_retried(monkeypatch):
     _random_grads(params, gen)
     opt.step()
     assert _held_over_own(opt) == 1.0
+
+
+def test_members_that_keep_training_alone_get_pools_of_their_own():
+    """Half the experts frozen for good: after STEADY_STEPS steps with the same members the trained ones are
+    every row of pools of their own (stepped in place, no gathering), the frozen ones keep theirs in
+    another, held storage stays the state's own bytes, and the values follow the one-parameter path."""
+    from soap_optim.buckets import STEADY_STEPS
+
+    runs = []
+    for foreach in (None, False):
+        params = _params([(6, 6)] * 8, dtype=torch.float64)
+        opt = SOAP(params, lr=1e-2, precondition_frequency=3, foreach=foreach, fused=False)
+        gen = torch.Generator().manual_seed(5)
+        for step in range(4 + STEADY_STEPS + 3):
+            _random_grads(params, gen, share=1.0)
+            if step >= 4:  # the odd experts freeze
+                for p in params[1::2]:
+                    p.grad = None
+            opt.step()
+            if foreach is None:
+                assert _held_over_own(opt) == 1.0, step
+        runs.append((params, opt))
+    (batched, opt_b), (single, _) = runs
+    for key in ("exp_avg", "exp_avg_sq"):
+        trained = [opt_b.state[p][key] for p in batched[0::2]]
+        frozen = [opt_b.state[p][key] for p in batched[1::2]]
+        assert trained[0]._base.shape[0] == len(trained) and all(t._base is trained[0]._base for t in trained)
+        assert frozen[0]._base.shape[0] == len(frozen) and all(t._base is frozen[0]._base for t in frozen)
+    for pb, ps in zip(batched, single):
+        torch.testing.assert_close(pb, ps, rtol=0, atol=1e-12)
