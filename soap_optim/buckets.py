@@ -39,25 +39,21 @@ def _set_entry(state: Dict[str, Any], kind: Kind, value: torch.Tensor) -> None:
 
 
 def pooled_rows(tensors: Sequence[torch.Tensor]) -> Optional[Tuple[torch.Tensor, List[int]]]:
-    """(pool, rows): the contiguous [N, ...] tensor of which ``tensors`` are rows, and their row numbers,
-    or None when they are not distinct rows of one such tensor."""
+    """(pool, rows): the contiguous [N, ...] tensor of which ``tensors`` (of one shape: a bucket's entries
+    of one kind) are rows, and their row numbers; or None when they are not distinct rows of one such
+    tensor. Runs every step for every entry kind of a bucket: a few attribute reads per entry."""
     first = tensors[0]
     base = first._base
-    shape = first.shape
-    if base is None or base.dim() != first.dim() + 1 or base.shape[1:] != shape or not base.is_contiguous():
+    if base is None or base.dim() != first.dim() + 1 or base.shape[1:] != first.shape or not base.is_contiguous():
         return None
     start, row = base.storage_offset(), base.stride(0)
-    if row == 0:
+    if row == 0 or not first.is_contiguous() or any(tensor._base is not base for tensor in tensors):
         return None
-    rows = []
-    for tensor in tensors:
-        if tensor._base is not base or tensor.shape != shape or not tensor.is_contiguous():
-            return None
-        number, rest = divmod(tensor.storage_offset() - start, row)
-        if rest:
-            return None
-        rows.append(number)
-    if len(set(rows)) != len(rows):
+    offsets = [tensor.storage_offset() - start for tensor in tensors]
+    if offsets == list(range(0, row * len(offsets), row)):  # every row in order, or the first ones
+        return base, list(range(len(offsets)))
+    rows = [offset // row for offset in offsets]
+    if any(offset % row for offset in offsets) or len(set(rows)) != len(rows):
         return None
     return base, rows
 
