@@ -11,7 +11,9 @@ re-stacked and no row is left without an owner, so the state holds no storage be
 
 Entries that are not rows of one pool yet (a new state, a loaded one) are stacked into a new pool, which
 may leave rows nobody uses in the pools they came from; :func:`release_unused_rows` (which the optimizer
-base runs after such a step only) merges the members of such a pool into one again. Tensors stepped
+base runs after such a step only) merges the members of such a pool into one again. Members that keep
+taking part without the others (frozen layers) get pools of their own after a few steps, so that they
+are stepped in place instead of gathered every step. Tensors stepped
 elementwise (biases, norm gains: different shapes) share one flat buffer the same way (:func:`flat_state`).
 """
 from __future__ import annotations
