@@ -116,6 +116,22 @@ def _child(args) -> None:
         print(json.dumps({"worst": worst, "last": last, "step_s": mean}))
 
 
+def _participation(pattern: str, experts: int, step: int, gen: torch.Generator) -> torch.Tensor:
+    """Which of the ``experts`` matrices get a gradient at ``step``: "experts", each on a random half of
+    the steps (at least one per step); "frozen", all for 5 steps, then every other one never again;
+    "layerdrop", blocks of 8 (layers) dropped together with probability 0.3; "all", every one."""
+    draw = torch.rand(experts, generator=gen)  # drawn for every pattern: the gradients stay the same
+    if pattern == "experts":
+        chosen = draw < 0.5
+        chosen[step % experts] = True
+        return chosen
+    if pattern == "frozen":
+        return (torch.arange(experts) % 2 == 0) | (step < 5)
+    if pattern == "layerdrop":
+        return (draw[torch.arange(experts) // 8] >= 0.3) | (torch.arange(experts) == step % experts)
+    return torch.ones(experts, dtype=torch.bool)
+
+
 def _load_package(path: str, alias: str):
     """The soap_optim package under ``path`` imported as ``alias``, beside this checkout's (its imports are
     relative, so the two never mix)."""
@@ -136,7 +152,8 @@ def interleaved(args) -> None:
     routing and gradients (the order rotating every step), so that load on the machine hits them alike;
     median (and mean) step time and the median's ratio to the first configuration's. Memory ratio after
     every step. The MoE layer (``precondition_frequency=10``), or with ``--gpt`` the GPT (SOAP's defaults,
-    every parameter with a gradient)."""
+    every parameter with a gradient). ``--pattern``: which experts get a gradient (random half, half
+frozen, LayerDrop-like blocks, all)."""
     packages = [("this checkout", sys.modules["soap_optim"])] + [
         (f"baseline {i + 1}", _load_package(path, f"soap_optim_baseline_{i + 1}")) for i, path in enumerate(args.baseline)
     ]
@@ -159,8 +176,7 @@ def interleaved(args) -> None:
         if args.gpt:
             grads = [torch.randn(t.shape, generator=gen) * 1e-2 for t in initial]
         else:
-            chosen = torch.rand(args.experts, generator=gen) < 0.5
-            chosen[step % args.experts] = True
+            chosen = _participation(args.pattern, args.experts, step, gen)
             grads = [torch.randn(args.dim, args.dim, generator=gen) if active else None for active in chosen.tolist()]
         for k in range(len(runs)):
             run_ = runs[(step + k) % len(runs)]
@@ -209,6 +225,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--pattern", choices=("experts", "frozen", "layerdrop", "all"), default="experts",
+                        help="which experts get a gradient each step (--interleaved; see _participation)")
     parser.add_argument("--gpt", action="store_true", help="the 12.9M-parameter GPT instead of the MoE layer")
     parser.add_argument("--baseline", action="append", help="a directory holding an older soap_optim package to "
                         "compare with (repeatable)")

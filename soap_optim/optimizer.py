@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from . import gradient_check
-from .buckets import stacked_state
+from .buckets import release_unused_rows
 from .dispatch import fused_problem
 from .eigenbasis.bases import FallbackCounts, counting_fallbacks, report_fallbacks
 from .distributed import Distribution, make_distribution
@@ -176,13 +176,6 @@ def _copy_all(states: List[Dict[str, Any]], tensors: List[torch.Tensor]) -> Tupl
     return copied_states, copies[: len(tensors)]
 
 
-def _views_a_larger_buffer(value: Any) -> bool:
-    """Whether a state entry is a view of a larger tensor (a row of a bucket's stacked buffer), which it
-    keeps alive whole."""
-    base = value._base if isinstance(value, torch.Tensor) else None  # a tensor of its own has no base
-    return base is not None and base.numel() > value.numel()
-
-
 class _Rollback:
     """What undoes a step whose math raised (out of memory included): "whole or not at all" also then.
 
@@ -273,6 +266,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         self._limits: Dict[Tuple, float] = {}  # _max_grad_norm by (shape, state dtype, layout options)
         # the eigenbasis core's device-side fallbacks, read with the next step's gradient norms (see bases.py)
         self._basis_fallbacks = FallbackCounts()
+        self._unused_rows_possible = False  # see _release_unused_rows
         super().__init__(params, defaults)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -288,6 +282,8 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             self._layouts = self._current_layouts()
         self.__dict__.setdefault("_limits", {})
         self.__dict__.setdefault("_basis_fallbacks", FallbackCounts())
+        # a copy or a load: entries may share a storage without being views of it (see _release_unused_rows)
+        self._unused_rows_possible = True
 
     def __getstate__(self) -> Dict[str, Any]:
         # the layout records travel with the state they describe (deepcopy, pickle, torch.save of the
@@ -444,6 +440,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         changed = membership != self.__dict__.get("_last_membership")
         if changed:
             self._prune_layouts()
+            self._unused_rows_possible = True  # state may have been dropped (pop, reset, surgery, a load)
             self._limits_by_index = None
             self._last_membership = membership
         hypers = [self._check_group(group) for group in self.param_groups]
@@ -787,6 +784,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
             for i, (hyper, slots) in enumerate(work)
         ])
         held = []
+        relaid, apart = False, []  # whether some group's math moved state entries to new storage; pools kept apart
         fallbacks = FallbackCounts()
         try:
             # the preconditioner's products ignore the user's TF32/bf16 settings
@@ -795,6 +793,8 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     if slots:
                         writes = self._step_group(hyper, slots, screen)
                         if writes is not None:
+                            relaid |= writes.relaid
+                            apart += writes.apart
                             held.append(writes)
                             if shared:
                                 held.pop().apply()
@@ -802,12 +802,14 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                     writes.apply()
         except BaseException:
             rollback.undo()
+            self._unused_rows_possible = True  # the undone states hold copies: their pool rows are unused
             raise
         del rollback
         self._basis_fallbacks.merge(fallbacks)
         if saved is not None:
             self._keep_where_passed(screen.passed, saved)
-        self._release_idle_buffers(work)
+        if relaid or self._unused_rows_possible:
+            self._release_unused_rows(apart)
         self._distribution.scatter(self)
         record = self._record_layouts
         if record is None:
@@ -834,33 +836,27 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         rather than writing in place. Default: it writes in place."""
         return False
 
-    def _release_idle_buffers(self, work) -> None:
-        """Give the state of every parameter not stepped this time storage of its own where it is a view
-        of a larger buffer (a row of a bucket's stacked buffer, see :mod:`soap_optim.buckets`).
-
-        A bucket whose membership changes (a parameter without a gradient: mixture-of-experts routing,
-        LayerDrop, frozen layers) is re-stacked into a new buffer holding only this step's members; the
-        others' rows would keep the old buffer alive whole (up to 4x the state's own bytes, and as much in
-        a saved state dict). One copy per parameter and membership change; a parameter that stays idle
-        holds its own storage from then on and costs a few attribute reads per step.
-        """
-        stepped = {id(slot.state) for _, slots in work for slot in slots}
-        if len(stepped) == sum(len(group["params"]) for group in self.param_groups):
+    def _release_unused_rows(self, apart: Sequence[torch.Tensor] = ()) -> None:
+        """Re-stack the state entries on a storage that has rows nobody uses (see
+        :func:`soap_optim.buckets.release_unused_rows`), so that the state holds no memory beyond its own
+        bytes (nor does a saved state dict). Needed only where entries may have left a bucket's pool: the
+        math stacked entries into a new pool (a new member, a loaded state), state was dropped (``state.pop``,
+        a reset, a parameter removed from its group), a failed step was undone, or the state arrived
+        through a copy or a load; a step whose members all keep their rows (whichever of them has a
+        gradient) runs none of it. ``apart``: new pools of members that keep taking part without the others
+        (frozen layers), left as they are. Values are unchanged; if the new storage cannot be allocated, the
+        layout stays and is tidied after a later step."""
+        in_groups = {id(param) for group in self.param_groups for param in group["params"]}
+        groups = [[self.state[p] for p in group["params"] if self.state.get(p)] for group in self.param_groups]
+        groups.append([
+            state for param, state in self.state.items() if id(param) not in in_groups and isinstance(state, dict)
+        ])
+        try:
+            release_unused_rows(groups, apart)
+        except (RuntimeError, MemoryError):  # out of memory: values are unchanged either way
+            self._unused_rows_possible = True
             return
-        # same-shaped entries left behind are re-stacked together: one copy op per (entry, shape), not per row
-        left: Dict[Tuple, List[Dict[str, Any]]] = defaultdict(list)
-        for group in self.param_groups:
-            for param in group["params"]:
-                state = self.state.get(param)
-                if not state or id(state) in stepped:
-                    continue
-                for key, value in state.items():
-                    entries = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
-                    for index, tensor in entries:
-                        if _views_a_larger_buffer(tensor):
-                            left[(key, index, tensor.shape, tensor.dtype, tensor.device)].append(state)
-        for (key, index, _, _, _), states in left.items():
-            stacked_state(states, key, index)
+        self._unused_rows_possible = False
 
     # ----------------------------------------------------------------- state_dict
     def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:

@@ -4,7 +4,8 @@
 into tensors of its own (this is where anything can fail: an allocation, a LAPACK call, a kernel launch)
 and hands the base a :class:`PendingWrites`; once every group's math has run, the base applies them all.
 Applying allocates nothing and so cannot fail part way: one ``torch._foreach_copy_`` of new values into
-the parameters and state, then in-place updates into existing storage (a factor EMA in its product's
+the parameters and state, the rows of a bucket's pools taken by ``index_copy_`` (see
+:mod:`soap_optim.buckets`), then in-place updates into existing storage (a factor EMA in its product's
 epilogue, the step counters).
 
 A basis refresh comes last, one unit (a bucket, or one parameter) at a time, each computing everything
@@ -16,17 +17,24 @@ the memory of the factors and bases once more: the backup copy this module repla
 from __future__ import annotations
 
 import warnings
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 
 
 class PendingWrites:
-    """New values and in-place updates waiting to be applied, in this order: copies, updates, refreshes."""
+    """New values and in-place updates waiting to be applied, in this order: copies, updates, refreshes.
+
+    ``relaid``: the math moved state entries into new storage (see :mod:`soap_optim.buckets`), which may
+    leave rows nobody uses in the buffers they left; the optimizer base then releases them, leaving the
+    new pools in ``apart`` as they are."""
 
     def __init__(self) -> None:
         self._targets: List[torch.Tensor] = []
         self._values: List[torch.Tensor] = []
+        self._rows: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.relaid = False
+        self.apart: List[torch.Tensor] = []
         self._updates: List[Callable[[], None]] = []
         self._refreshes: List[Callable[[], None]] = []
 
@@ -34,6 +42,10 @@ class PendingWrites:
         """``target.copy_(value)`` when applied (``value`` must not be written before then)."""
         self._targets.append(target)
         self._values.append(value)
+
+    def copy_rows(self, target: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
+        """``target.index_copy_(0, index, value)`` when applied, with the copies."""
+        self._rows.append((target, index, value))
 
     def update(self, apply: Callable[[], None]) -> None:
         """An in-place operation that allocates nothing, run after the copies."""
@@ -48,10 +60,12 @@ class PendingWrites:
         """Apply everything, once; the new values are let go before the refreshes run."""
         if self._targets:
             torch._foreach_copy_(self._targets, self._values)
+        for target, index, value in self._rows:
+            target.index_copy_(0, index, value)
         for update in self._updates:
             update()
         refreshes = self._refreshes
-        self._targets, self._values, self._updates, self._refreshes = [], [], [], []
+        self._targets, self._values, self._rows, self._updates, self._refreshes = [], [], [], [], []
         for refresh in refreshes:
             try:
                 refresh()

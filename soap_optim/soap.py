@@ -29,7 +29,7 @@ from .eigenbasis.kl import (
     new_eigenvalues,
     whitened_unfoldings,
 )
-from .buckets import flat_state, own_storage, stacked_state
+from .buckets import bucket_pools, flat_state
 from .dispatch import get_ops, resolve_ops
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
 from .optimizer import Screen, Slot, SoapOptimizerBase, advance_step_counts, new_step_count
@@ -373,7 +373,7 @@ class SOAP(SoapOptimizerBase):
             if not state:
                 _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard, kl=kl)
             else:
-                _match_eigenvalues(state, kl)
+                writes.relaid |= _match_eigenvalues(state, kl)
                 ready.append((slot.param, grad, state, plan))
                 kinds.append(kind)
         steps = next_steps([state for _, _, state, _ in ready], writes)
@@ -395,12 +395,13 @@ class SOAP(SoapOptimizerBase):
                 continue
             buckets.setdefault(key, []).append(item)
         if buckets:
+            participation = self.__dict__.setdefault("_participation", {})  # see buckets.bucket_pools
             ops = resolve_ops(group["fused"], (item.state["exp_avg"] for items in buckets.values() for item in items))
             for key, items in buckets.items():
                 if key[0] == "elementwise":
                     soap_elementwise_update_(items, group, ops, writes)
                 else:
-                    soap_bucket_update_(items, group, shampoo_beta, ops, writes, guard)
+                    soap_bucket_update_(items, group, shampoo_beta, ops, writes, guard, participation)
         return writes
 
 
@@ -450,15 +451,17 @@ def _init_state(
         state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
 
 
-def _match_eigenvalues(state: Dict[str, Any], kl: bool) -> None:
+def _match_eigenvalues(state: Dict[str, Any], kl: bool) -> bool:
     """``state["eigenvalues"]`` exists exactly under the KL factor update: estimated from the factors and
     bases where it is missing (a checkpoint from before it, or a group switched to "kl"), dropped otherwise
     (so that a later switch back re-estimates instead of using stale values). Derived from the state alone,
-    so a step that fails after it leaves what the next attempt would compute anyway."""
+    so a step that fails after it leaves what the next attempt would compute anyway. Whether entries were
+    dropped (rows of a bucket's pool may be left unused)."""
     if not kl:
-        state.pop("eigenvalues", None)
-    elif "eigenvalues" not in state:
+        return state.pop("eigenvalues", None) is not None
+    if "eigenvalues" not in state:
         state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
+    return False
 
 
 def _whiteners(bases, eigenvalues: Optional[List[Optional[torch.Tensor]]]):
@@ -513,6 +516,8 @@ def soap_update_(
     ))
     if step % group["precondition_frequency"] == 0:
         writes.refresh(partial(_refresh_one_, state, group))
+        # a refreshed basis replaces the entry: a row of a bucket's pool would be left unused
+        writes.relaid |= any(basis is not None and basis._base is not None for basis in bases)
     if now:
         writes.apply()
 
@@ -625,17 +630,20 @@ def _refresh_one_(state: Dict[str, Any], group: Dict[str, Any]) -> None:
 
 
 def soap_bucket_update_(
-    items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops, writes: PendingWrites, guard: bool = True
+    items: List[_Item], group: Dict[str, Any], shampoo_beta: float, ops, writes: PendingWrites, guard: bool = True,
+    history: Optional[Dict] = None,
 ) -> None:
     """One SOAP step for a bucket of parameters with one merged shape (2-D or more), through batched ops.
 
-    State lives in stacked [B, ...] buffers (see ``buckets``); gradients and parameters are stacked for
-    the step. A matrix is rotated on both sides inside the fused ops. A tensor of K >= 3 merged axes
+    State lives in pools, one stacked [N, ...] buffer per entry kind with a row per member (see
+    ``buckets``): used in place when every member takes part, else the members' rows are gathered and the
+    new values written back into them; gradients and parameters are stacked for the step. A matrix is rotated on both sides inside the fused ops. A tensor of K >= 3 merged axes
     is rotated on axes 1..K-1 by batched products first and on axis K (the right side of its
     [rows, d_K] matrix view) inside the fused ops, whose epilogues hold the Adam update and the
     parameter update; mode products on different axes commute, so the order is free. The new moments
     and parameters are computed into buffers of their own and left in ``writes``, with the factor EMA
-    and the refresh.
+    and the refresh. ``history``: which members took part in earlier steps, per pool, kept by the caller
+    (see ``buckets.bucket_pools``).
     """
     items = _sequential_if_shared(items, group, shampoo_beta, guard)
     if not items:
@@ -644,16 +652,31 @@ def soap_bucket_update_(
     preconditioned = items[0].plan.preconditioned
     states = [item.state for item in items]
     batch = len(items)
-    stacked_bases = [stacked_state(states, "bases", k) if p else None for k, p in enumerate(preconditioned)]
-    stacked_factors = [stacked_state(states, "factors", k) if p else None for k, p in enumerate(preconditioned)]
+    axes = [k for k, p in enumerate(preconditioned) if p]
     kl = "eigenvalues" in states[0]  # all or none: see _match_eigenvalues
-    stacked_eigenvalues = (
-        [stacked_state(states, "eigenvalues", k) if p else None for k, p in enumerate(preconditioned)] if kl else None
-    )
+    kinds = [("bases", k) for k in axes] + [("factors", k) for k in axes] + [("exp_avg", None), ("exp_avg_sq", None)]
+    if kl:
+        kinds += [("eigenvalues", k) for k in axes]
+    pools, rows, relaid, apart = bucket_pools(states, kinds, history)
+    writes.relaid |= relaid
+    if apart:
+        writes.apart.extend(pools)
+    pool_of = dict(zip(kinds, pools))
+    index = None if rows is None else torch.tensor(rows, device=pools[0].device)
+    # every member: the pools themselves; some members: their rows gathered, new values written back into them
+    stacked = {kind: pool if index is None else pool.index_select(0, index) for kind, pool in pool_of.items()}
+
+    def per_axis(key, source):
+        return [source[(key, k)] if p else None for k, p in enumerate(preconditioned)]
+
+    stacked_bases, stacked_factors = per_axis("bases", stacked), per_axis("factors", stacked)
+    stacked_eigenvalues = per_axis("eigenvalues", stacked) if kl else None
     grads = torch.stack([item.grad for item in items]).contiguous()  # stack keeps permuted strides
-    exp_avg = stacked_state(states, "exp_avg")
-    exp_avg_sq = stacked_state(states, "exp_avg_sq")
-    new_exp_avg, new_exp_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
+    exp_avg, exp_avg_sq = stacked[("exp_avg", None)], stacked[("exp_avg_sq", None)]
+    if index is None:
+        new_exp_avg, new_exp_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
+    else:
+        new_exp_avg, new_exp_avg_sq = exp_avg, exp_avg_sq  # gathered: already buffers of their own
     steps = [item.step for item in items]
     beta1, beta2 = group["betas"]
     precision = group["rotation_precision"]
@@ -682,23 +705,34 @@ def soap_bucket_update_(
     )
     factor_grads = without_overflowing_grams(grads, batch_dims=1) if guard else grads
 
-    writes.copy(exp_avg, new_exp_avg)
-    writes.copy(exp_avg_sq, new_exp_avg_sq)
     for item, row in zip(items, params.unbind(0)):  # one unbind: every row view at once
         writes.copy(item.param, item.plan.from_merged(row))
     whiteners = _whiteners(stacked_bases, stacked_eigenvalues)
-    writes.update(_bucket_factor_ema(stacked_factors, factor_grads, shampoo_beta, ops, whiteners))
+    factor_ema = _bucket_factor_ema(stacked_factors, factor_grads, shampoo_beta, ops, whiteners)
+    if index is None:
+        writes.copy(exp_avg, new_exp_avg)
+        writes.copy(exp_avg_sq, new_exp_avg_sq)
+        writes.update(factor_ema)
+    else:
+        factor_ema()  # into the gathered rows, which are the bucket's own
+        for kind, value in ((("exp_avg", None), new_exp_avg), (("exp_avg_sq", None), new_exp_avg_sq),
+                            *((("factors", k), stacked[("factors", k)]) for k in axes)):
+            writes.copy_rows(pool_of[kind], index, value)
     frequency = group["precondition_frequency"]
     due = [t % frequency == 0 for t in steps]
-    if all(due):
-        # the whole bucket refreshes at once: one batched QR per axis, bases rewritten in place
-        writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group,
-                               eigenvalues=stacked_eigenvalues))
-    elif any(due):
-        # the due members together, gathered from the bucket's buffers and written back
-        rows = [row for row, is_due in enumerate(due) if is_due]
-        writes.refresh(partial(_refresh_stack_, stacked_factors, stacked_bases, exp_avg, [exp_avg_sq], group, rows,
-                               eigenvalues=stacked_eigenvalues))
+    if not any(due):
+        return
+    # the refresh reads and writes the pools once the new values are in them: the whole of each pool at once
+    # (one batched QR per axis, bases rewritten in place), or the due members' rows gathered and written back
+    if index is None and all(due):
+        due_rows = None
+    else:
+        due_rows = [row for row, is_due in zip(range(batch) if rows is None else rows, due) if is_due]
+    writes.refresh(partial(
+        _refresh_stack_, per_axis("factors", pool_of), per_axis("bases", pool_of), pool_of[("exp_avg", None)],
+        [pool_of[("exp_avg_sq", None)]], group, due_rows,
+        eigenvalues=per_axis("eigenvalues", pool_of) if kl else None,
+    ))
 
 
 def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, guard: bool) -> List[_Item]:
@@ -777,22 +811,29 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops, wri
     states = [item.state for item in items]
     params = [item.param for item in items]
     if len(items) == 1:
-        own_storage(states, "exp_avg")  # out of a flat buffer that other members have left
-        own_storage(states, "exp_avg_sq")
+        # the entries where they are (a slice of a flat buffer, or storage of their own)
         exp_avg, exp_avg_sq, grad = states[0]["exp_avg"], states[0]["exp_avg_sq"], items[0].grad
-        new_params = params[0].clone()
-    else:
-        exp_avg, exp_avg_sq = flat_state(states, "exp_avg"), flat_state(states, "exp_avg_sq")
-        # 1-D tensors (biases, norm gains: the usual members) go to cat as they are, no reshape call each
-        grad = torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in (item.grad for item in items)])
-        new_params = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in params])
-    new_exp_avg, new_exp_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
-    ops.adam_(new_params, grad, new_exp_avg, new_exp_avg_sq, **kwargs)
-    writes.copy(exp_avg, new_exp_avg)
-    writes.copy(exp_avg_sq, new_exp_avg_sq)
-    if len(items) == 1:
+        new_exp_avg, new_exp_avg_sq, new_params = exp_avg.clone(), exp_avg_sq.clone(), params[0].clone()
+        writes.copy(exp_avg, new_exp_avg)
+        writes.copy(exp_avg_sq, new_exp_avg_sq)
+        ops.adam_(new_params, grad, new_exp_avg, new_exp_avg_sq, **kwargs)
         writes.copy(params[0], new_params)
         return
+    new_moments = []
+    for key in ("exp_avg", "exp_avg_sq"):
+        flat, members, relaid = flat_state(states, key)
+        writes.relaid |= relaid
+        new = flat.clone() if members is None else flat  # some members: gathered, already a buffer of its own
+        if members is None:
+            writes.copy(flat, new)
+        else:
+            for entry, piece in zip(members, new.split([t.numel() for t in members])):
+                writes.copy(entry, piece if entry.dim() == 1 else piece.view(entry.shape))
+        new_moments.append(new)
+    # 1-D tensors (biases, norm gains: the usual members) go to cat as they are, no reshape call each
+    grad = torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in (item.grad for item in items)])
+    new_params = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in params])
+    ops.adam_(new_params, grad, *new_moments, **kwargs)
     for param, row in zip(params, new_params.split([p.numel() for p in params])):
         writes.copy(param, row if param.dim() == 1 else row.view_as(param))
 

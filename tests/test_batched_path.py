@@ -69,22 +69,23 @@ def test_bf16_parameters_through_the_batched_path():
 
 
 def test_unpreconditioned_tensors_share_one_flat_buffer():
-    """Vectors' moments become views of one buffer per step count (one op per stage), and every value
-    stays equal to the one-parameter path."""
+    """Vectors' moments become views of one buffer (one op per stage), and every value stays equal to the
+    one-parameter path. Vectors 1 and 3 skipped a step (see _run): the steps after it step them apart from
+    0 and 2 (different step counts), yet all four keep their slices of the one buffer, in order (a step of
+    some members gathers their slices and writes them back, see soap_optim.buckets)."""
     params, opt = _run([(7,), (3,), (5,), (4,)], torch.float64, 6, foreach=None)
     single, _ = _run([(7,), (3,), (5,), (4,)], torch.float64, 6, foreach=False)
     for pb, ps in zip(params, single):
         torch.testing.assert_close(pb, ps, rtol=0, atol=1e-14)
-    # vectors 1 and 3 skipped a step (see _run): the two same-step pairs each tile one buffer, in order
-    rows = [opt.state[p]["exp_avg"] for p in params]
-    for first, second in ((0, 2), (1, 3)):
-        base = rows[first]._base
-        assert base is not None and base.dim() == 1 and base.numel() == rows[first].numel() + rows[second].numel()
-        assert rows[second]._base is base
-        assert rows[first].storage_offset() == base.storage_offset()
-        assert rows[second].storage_offset() == base.storage_offset() + rows[first].numel()
-    assert rows[0]._base is not rows[1]._base
-    assert [tuple(r.shape) for r in rows] == [(7,), (3,), (5,), (4,)]
+    for key in ("exp_avg", "exp_avg_sq"):
+        rows = [opt.state[p][key] for p in params]
+        base = rows[0]._base
+        assert base is not None and base.dim() == 1 and base.numel() == sum(r.numel() for r in rows)
+        offset = base.storage_offset()
+        for row in rows:
+            assert row._base is base and row.storage_offset() == offset
+            offset += row.numel()
+        assert [tuple(r.shape) for r in rows] == [(7,), (3,), (5,), (4,)]
 
 
 # ----------------------------------------------------------------- parameters sharing one storage
