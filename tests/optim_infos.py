@@ -176,7 +176,7 @@ def _soap_errors(device, dtype):
         _error({**base, "shampoo_beta": 1.0}, r"shampoo_beta: 1\.0", "shampoo_beta = 1"),
         _error({**base, "precondition_frequency": 0}, r"precondition_frequency: 0", "zero frequency"),
         _error({**base, "precondition_frequency": 2.5}, r"precondition_frequency: 2\.5", "float frequency"),
-        _error({**base, "max_precond_dim": 0}, r"max_precond_dim: 0", "zero max_precond_dim"),
+        _error({**base, "max_precond_dim": -1}, r"max_precond_dim: -1", "negative max_precond_dim"),
         _error({**base, "data_format": "NHWC"}, r"data_format: 'NHWC'", "unknown data_format"),
         _error({**base, "merge_dims": "yes"}, r"merge_dims: 'yes'", "non-bool merge_dims"),
     ]
