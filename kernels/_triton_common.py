@@ -334,6 +334,16 @@ def _matmul_kernel(
     tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty, INTERPRETED), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+# CUDA caps a grid's second axis, the kernels' batch axis, at 65535: a larger bucket is launched in slices.
+MAX_GRID_BATCH = 65535
+
+
+def batch_slices(batch: int):
+    """Consecutive slices of at most ``MAX_GRID_BATCH`` matrices covering a batch, one launch each (the tile
+    is chosen for the whole batch before, so the slices compute the bits of one launch)."""
+    return [slice(start, min(start + MAX_GRID_BATCH, batch)) for start in range(0, batch, MAX_GRID_BATCH)]
+
+
 def tile_grid(batch: int, rows: int, cols: int, config):
     """Launch grid of a [batch, rows, cols] output: (tiles of one matrix, batch)."""
     return (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]), batch)
@@ -352,8 +362,10 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Te
     out = torch.empty((batch, m, n), dtype=dtype, device=a.device)
     prec, dot_prec = dot_precisions(precision)
     config = matmul_config(batch, m, n, precision)
-    _matmul_kernel[tile_grid(batch, m, n, config)](
-        a, *strides(a), b, *strides(b), out, *strides(out), m, n, k,
-        PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED, **launch_options(config),
-    )
+    tiles = tile_grid(batch, m, n, config)[0]
+    for part in batch_slices(batch):
+        _matmul_kernel[(tiles, part.stop - part.start)](
+            a[part], *strides(a), b[part], *strides(b), out[part], *strides(out), m, n, k,
+            PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED, **launch_options(config),
+        )
     return out

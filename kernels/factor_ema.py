@@ -34,6 +34,7 @@ from . import reference
 from ._triton_common import (
     _SM_COUNT,
     INTERPRETED,
+    batch_slices,
     check_devices,
     check_float32,
     check_matrix_size,
@@ -142,14 +143,15 @@ def _gram_ema(factor: torch.Tensor, x: torch.Tensor, beta: float, upper_only: bo
     precision = "native" if x.dtype in (torch.bfloat16, torch.float16) else "fp32"
     config = gram_config(batch, dim)
     block = config.kwargs["BLOCK"]
-    grid = (_upper_tiles(dim, block) if upper_only else triton.cdiv(dim, block) ** 2, batch)
-    _gram_ema_kernel[grid](
-        x, x.stride(0), x.stride(1), x.stride(2),
-        factor, factor.stride(0), factor.stride(1), factor.stride(2),
-        dim, k, float(beta),
-        ACCUMULATE=beta == 1.0, UPPER_ONLY=upper_only, PRECISION=precision, INTERPRETED=INTERPRETED,
-        **launch_options(config),
-    )
+    tiles = _upper_tiles(dim, block) if upper_only else triton.cdiv(dim, block) ** 2
+    for part in batch_slices(batch):
+        _gram_ema_kernel[(tiles, part.stop - part.start)](
+            x[part], x.stride(0), x.stride(1), x.stride(2),
+            factor[part], factor.stride(0), factor.stride(1), factor.stride(2),
+            dim, k, float(beta),
+            ACCUMULATE=beta == 1.0, UPPER_ONLY=upper_only, PRECISION=precision, INTERPRETED=INTERPRETED,
+            **launch_options(config),
+        )
 
 
 def factor_ema_impl(left, right, grad, beta, *, upper_only: bool = True, route_to_cublas: bool = True) -> None:

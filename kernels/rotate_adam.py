@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ._triton_common import (
     INTERPRETED,
+    batch_slices,
     batched_matmul,
     check_devices,
     check_float32,
@@ -130,12 +131,14 @@ def rotate_adam_impl(grad, q_left, q_right, exp_avg, exp_avg_sq, *, beta1, beta2
     prec, dot_prec = dot_precisions(precision)
     config = matmul_config(batch, m, n, precision)
     moments = [t if t.is_contiguous() else t.contiguous() for t in (exp_avg, exp_avg_sq)]
-    _rotate_adam_kernel[tile_grid(batch, m, n, config)](
-        a, *strides(a), b, *strides(b), moments[0], moments[1], direction,
-        m, n, k, float(beta1), float(beta2), float(eps),
-        HAS_A=q_left is not None or q_right is not None,
-        PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED, **launch_options(config),
-    )
+    tiles = tile_grid(batch, m, n, config)[0]
+    for part in batch_slices(batch):
+        _rotate_adam_kernel[(tiles, part.stop - part.start)](
+            a[part], *strides(a), b[part], *strides(b), moments[0][part], moments[1][part], direction[part],
+            m, n, k, float(beta1), float(beta2), float(eps),
+            HAS_A=q_left is not None or q_right is not None,
+            PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED, **launch_options(config),
+        )
     for target, work in zip((exp_avg, exp_avg_sq), moments):
         if work is not target:
             target.copy_(work)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._triton_common import (
     INTERPRETED,
+    batch_slices,
     batched_matmul,
     cast_rne,
     check_devices,
@@ -168,21 +169,23 @@ def unrotate_apply_impl(direction, q_left, q_right, params, *, step_size, decay,
         update = partial = direction  # unused (NORMALIZE off)
     work = params if params.is_contiguous() else params.contiguous()
     prec, dot_prec = dot_precisions(precision)
-    _unrotate_apply_kernel[grid](
-        a, *strides(a), b, *strides(b), work,
-        step_size, float(decay), update, partial, partials,
-        m, n, k,
-        HAS_A=q_left is not None or q_right is not None, NORMALIZE=bool(normalize),
-        PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED, **launch_options(config),
-    )
+    for part in batch_slices(batch):
+        _unrotate_apply_kernel[(grid[0], part.stop - part.start)](
+            a[part], *strides(a), b[part], *strides(b), work[part],
+            step_size[part], float(decay), update[part], partial[part], partials,
+            m, n, k,
+            HAS_A=q_left is not None or q_right is not None, NORMALIZE=bool(normalize),
+            PRECISION=prec, DOT_PRECISION=dot_prec, INTERPRETED=INTERPRETED, **launch_options(config),
+        )
     if normalize:
         # a fixed-order sum over the tiles' partial sums: deterministic, unlike atomics
         sum_sq = partial.sum(dim=1)
-        apply_grid = (triton.cdiv(m, _APPLY_BLOCK) * triton.cdiv(n, _APPLY_BLOCK), batch)
-        _apply_normalized_kernel[apply_grid](
-            update, sum_sq, work, step_size, float(decay), m, n,
-            NORMALIZE_EPS=NORMALIZE_EPS, INTERPRETED=INTERPRETED, BLOCK_M=_APPLY_BLOCK, BLOCK_N=_APPLY_BLOCK,
-            enable_fp_fusion=False,
-        )
+        apply_tiles = triton.cdiv(m, _APPLY_BLOCK) * triton.cdiv(n, _APPLY_BLOCK)
+        for part in batch_slices(batch):
+            _apply_normalized_kernel[(apply_tiles, part.stop - part.start)](
+                update[part], sum_sq[part], work[part], step_size[part], float(decay), m, n,
+                NORMALIZE_EPS=NORMALIZE_EPS, INTERPRETED=INTERPRETED, BLOCK_M=_APPLY_BLOCK, BLOCK_N=_APPLY_BLOCK,
+                enable_fp_fusion=False,
+            )
     if work is not params:
         params.copy_(work)

@@ -454,6 +454,31 @@ def test_fused_steps_match_twin_steps(precision, normalize):
         _assert_close(state_fused[key], state_twin[key], tol)
 
 
+@pytest.mark.parametrize("precision,normalize", [("fp32", False), ("bf16", True)])
+def test_buckets_beyond_the_grid_limit_launch_in_slices_with_the_same_bits(precision, normalize, monkeypatch):
+    """CUDA's grid caps the batch axis at 65535 matrices: larger buckets launch in slices. With the cap
+    lowered to 2, a 5-matrix bucket (3 slices, the last one short) gives one launch's bits in every op."""
+    common = importlib.import_module("soap_optim.kernels._triton_common")
+    assert common.MAX_GRID_BATCH == 65535
+    gen = _generator("slices", precision)
+    batch, m, n = 5, 9, 7
+    q_left, q_right = _bases(batch, m, n, "both", gen)
+    start = dict(
+        q_left=q_left, q_right=q_right, params=torch.randn(batch, m, n, generator=gen),
+        exp_avg=torch.zeros(batch, m, n), exp_avg_sq=torch.zeros(batch, m, n),
+        left=torch.zeros(batch, m, m), right=torch.zeros(batch, n, n),
+    )
+    grads = [torch.randn(batch, m, n, generator=gen) for _ in range(2)]
+    whole, sliced = copy.deepcopy(start), copy.deepcopy(start)
+    _soap_steps(fused, whole, grads, precision=precision, normalize=normalize)
+    monkeypatch.setattr(common, "MAX_GRID_BATCH", 2)
+    assert [(s.start, s.stop) for s in common.batch_slices(batch)] == [(0, 2), (2, 4), (4, 5)]
+    _soap_steps(fused, sliced, grads, precision=precision, normalize=normalize)
+    for key in start:
+        assert torch.equal(sliced[key], whole[key]), key
+        assert key.startswith("q_") or not torch.equal(sliced[key], start[key]), key  # every op wrote
+
+
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 3), m=st.integers(1, 20), n=st.integers(1, 20),
