@@ -30,6 +30,16 @@ WORLD_SIZE = 2
 
 # The optimizers every distributed test module compares with one process (a subset where it says so);
 # ``torch.optim.AdamW`` is the control. Refreshes at steps 3 and 6 (precondition_frequency=3).
+def _soap_with_unpreconditioned_group(params, **kw):
+    """Every third parameter (gate.weight: fc1's twin, a 7 x 7 block, the 3-D weight among them) in a group
+    with max_precond_dim=0, as ``soap_optim.hidden_groups`` puts embeddings: same shapes in two groups."""
+    params = list(params)
+    plain = [p for i, p in enumerate(params) if i % 3 == 1]
+    rest = [p for i, p in enumerate(params) if i % 3 != 1]
+    return soap_optim.SOAP([{"params": rest}, {"params": plain, "max_precond_dim": 0}], lr=1e-2,
+                           precondition_frequency=3, **kw)
+
+
 OPTIMIZERS = {
     "torch-adamw": lambda params, **kw: torch.optim.AdamW(params, lr=1e-2),
     "soap": lambda params, **kw: soap_optim.SOAP(params, lr=1e-2, precondition_frequency=3, **kw),
@@ -41,6 +51,7 @@ OPTIMIZERS = {
     "soap-normalize": lambda params, **kw: soap_optim.SOAP(
         params, lr=1e-2, precondition_frequency=3, normalize_grads=True, orthograd=True, **kw
     ),
+    "soap-unpreconditioned-group": lambda params, **kw: _soap_with_unpreconditioned_group(params, **kw),
     "shampoo": lambda params, **kw: soap_optim.Shampoo(
         params, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, **kw
     ),
