@@ -170,8 +170,8 @@ class SOAP(SoapOptimizerBase):
             below at 1e-6 of their largest. The first update starts from isotropic factors
             :math:`\rho I` whose Kronecker product has the first gradient's mean square
             (``soap_optim.eigenbasis.kl`` says why scale and isotropy matter). Everything else is
-            SOAP's. Costs one more mode product per pair of axes per step and one more :math:`F Q` per
-            refresh. On every path (one-parameter, batched, fused: the kernels' factor op is fed the
+            SOAP's. Costs one more mode product per pair of axes per step (the refresh's estimates come
+            from the :math:`F Q` of its power step). On every path (one-parameter, batched, fused: the kernels' factor op is fed the
             whitened unfoldings), with ``one_sided`` (a single factor: its Gram matrix, scaled) and
             ``factorized``.
 
@@ -324,8 +324,8 @@ class SOAP(SoapOptimizerBase):
         dims = [d for d in plan.factor_dims if d is not None]
         refresh = sum(4 * d**3 + 2 * numel * d for d in dims) / hyper["precondition_frequency"]
         cost = 3 * numel * sum(dims) + refresh + 10 * numel
-        if hyper["factor_update"] == "kl":  # whitening by the other factors; F Q for the estimates
-            cost += (len(dims) - 1) * numel * sum(dims) + sum(d**3 for d in dims) / hyper["precondition_frequency"]
+        if hyper["factor_update"] == "kl":  # whitening by the other factors (the estimates: the refresh's F Q)
+            cost += (len(dims) - 1) * numel * sum(dims)
         return cost
 
     # _max_grad_norm: the base's sqrt(max)/2. The rotation's partial sums are bounded by ||G||_F (orthonormal
@@ -572,12 +572,14 @@ def _refresh_stack_(
         factors = [None if f is None else f.index_select(0, index) for f in factors]
         old_bases = [None if b is None else b.index_select(0, index) for b in bases]
         carried = [moment.index_select(0, index) for moment in moments]
-    values = None
+    values, estimates = None, None
     if eigenvalues is not None:
         old_values = [v if v is None or index is None else v.index_select(0, index) for v in eigenvalues]
-        estimates = estimates_of(factors, old_bases)  # before the refresh: diag(O^T F O) in the old bases
+        estimates = [None] * len(factors)  # the refresh's diag(O^T F O) in the old bases, from its power step
     new_bases = list(old_bases)
-    orders = refresh_bases_(factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"])
+    orders = refresh_bases_(
+        factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"], estimates=estimates
+    )
     if eigenvalues is not None:
         values = new_eigenvalues(old_values, estimates, orders)
     refreshed = any(order is not None for order in orders)
