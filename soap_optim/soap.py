@@ -380,7 +380,9 @@ class SOAP(SoapOptimizerBase):
         make = tuple.__new__  # _Item(...) without the keyword handling of a NamedTuple's __new__ (one per tensor)
         ready = [make(_Item, (*fields, step)) for fields, step in zip(ready, steps)]
         if group["foreach"] is False:
-            for item in _sequential_if_shared(ready, group, shampoo_beta, guard):
+            if screen.storage_shared:
+                ready = _sequential_if_shared(ready, group, shampoo_beta, guard)
+            for item in ready:
                 soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, item.step, guard, writes)
             return writes
         buckets: Dict[Tuple, List[_Item]] = {}
@@ -398,6 +400,10 @@ class SOAP(SoapOptimizerBase):
             participation = self.__dict__.setdefault("_participation", {})  # see buckets.bucket_pools
             ops = resolve_ops(group["fused"], (item.state["exp_avg"] for items in buckets.values() for item in items))
             for key, items in buckets.items():
+                if screen.storage_shared:
+                    items = _sequential_if_shared(items, group, shampoo_beta, guard)
+                    if not items:
+                        continue
                 if key[0] == "elementwise":
                     soap_elementwise_update_(items, group, ops, writes)
                 else:
@@ -645,11 +651,9 @@ def soap_bucket_update_(
     parameter update; mode products on different axes commute, so the order is free. The new moments
     and parameters are computed into buffers of their own and left in ``writes``, with the factor EMA
     and the refresh. ``history``: which members took part in earlier steps, per pool, kept by the caller
-    (see ``buckets.bucket_pools``).
+    (see ``buckets.bucket_pools``). The members' parameters are on storages of their own (see
+    ``_sequential_if_shared``).
     """
-    items = _sequential_if_shared(items, group, shampoo_beta, guard)
-    if not items:
-        return
     shape = items[0].plan.merged_shape
     preconditioned = items[0].plan.preconditioned
     states = [item.state for item in items]
@@ -744,7 +748,8 @@ def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_bet
     Every path computes new parameters into buffers of their own and copies them back, so of two
     parameters on one storage only the last copy would survive. One at a time and written at once, each
     update is applied to the other's result, as torch.optim.AdamW does (only host metadata is read: no
-    sync).
+    sync). Called per bucket, and only where the step found parameters on one storage
+    (``Screen.storage_shared``): otherwise every item is on a storage of its own.
     """
     storages = [item.param.untyped_storage().data_ptr() for item in items]
     if len(set(storages)) == len(storages):
@@ -797,10 +802,8 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops, wri
     Two or more tensors are stepped as one flat vector: their moments live back to back in one buffer
     (see ``buckets.flat_state``), gradients and parameters are concatenated for the step, so the call
     costs a handful of ops (or one kernel launch) however many small tensors (biases, norm gains) the
-    bucket holds. The new moments and parameters go to buffers of their own, left in ``writes``."""
-    items = _sequential_if_shared(items, group, 0.0, False)  # no factors here: beta and guard are unused
-    if not items:
-        return
+    bucket holds. The new moments and parameters go to buffers of their own, left in ``writes``. The
+    parameters are on storages of their own (see ``_sequential_if_shared``)."""
     beta1, beta2 = group["betas"]
     kwargs = dict(
         beta1=beta1,
