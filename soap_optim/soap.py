@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 from functools import partial
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, MutableMapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -373,8 +374,7 @@ class SOAP(SoapOptimizerBase):
             if not state:
                 _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard, kl=kl)
             else:
-                writes.relaid |= _match_eigenvalues(state, kl)
-                ready.append((slot.param, grad, state, plan))
+                ready.append((slot.param, grad, _match_eigenvalues(state, kl, writes), plan))
                 kinds.append(kind)
         steps = next_steps([state for _, _, state, _ in ready], writes)
         make = tuple.__new__  # _Item(...) without the keyword handling of a NamedTuple's __new__ (one per tensor)
@@ -414,7 +414,7 @@ class SOAP(SoapOptimizerBase):
 class _Item(NamedTuple):
     param: torch.Tensor
     grad: torch.Tensor  # merged layout, state precision, sign-flipped under maximize
-    state: Dict[str, Any]
+    state: MutableMapping[str, Any]  # the state, or a view with what the step's writes add (_match_eigenvalues)
     plan: Plan
     step: int = 0  # the step this update takes (state["step"] + 1, see next_steps)
 
@@ -457,17 +457,32 @@ def _init_state(
         state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
 
 
-def _match_eigenvalues(state: Dict[str, Any], kl: bool) -> bool:
-    """``state["eigenvalues"]`` exists exactly under the KL factor update: estimated from the factors and
-    bases where it is missing (a checkpoint from before it, or a group switched to "kl"), dropped otherwise
-    (so that a later switch back re-estimates instead of using stale values). Derived from the state alone,
-    so a step that fails after it leaves what the next attempt would compute anyway. Whether entries were
-    dropped (rows of a bucket's pool may be left unused)."""
+def _match_eigenvalues(state: Dict[str, Any], kl: bool, writes: PendingWrites) -> MutableMapping[str, Any]:
+    """The state as this step's math sees it, with ``eigenvalues`` exactly under the KL factor update:
+    estimated from the factors and bases where the entry is missing (a checkpoint from before it, or a
+    group switched to "kl"), dropped otherwise (so that a later switch back re-estimates instead of using
+    stale values). Both changes are among ``writes``, so that a step that fails leaves the state as it
+    was; until then the math sees new estimates through the returned view (the state itself where
+    nothing is added), and decides by ``kl``, never by the entry, whether to use them."""
     if not kl:
-        return state.pop("eigenvalues", None) is not None
-    if "eigenvalues" not in state:
-        state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
-    return False
+        if "eigenvalues" in state:
+            writes.update(partial(state.pop, "eigenvalues"))
+            writes.relaid = True  # rows of a bucket's pool may be left unused
+        return state
+    if "eigenvalues" in state:
+        return state
+    added = {"eigenvalues": estimates_of(state["factors"], state["bases"])}
+    writes.update(partial(state.update, added))
+    return _StateWithAdded(added, state)
+
+
+class _StateWithAdded(ChainMap):
+    """A state (``maps[1]``) with the entries that its step's writes add (``maps[0]``): the math reads both;
+    what it stores under the state's own keys (a bucket stacking the entries into its pools) goes to the
+    state itself, what it stores under an added key (the rows of a new pool) stays with the addition."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        (self.maps[0] if key in self.maps[0] else self.maps[1])[key] = value
 
 
 def _whiteners(bases, eigenvalues: Optional[List[Optional[torch.Tensor]]]):
@@ -515,7 +530,7 @@ def soap_update_(
         writes.copy(state[key], value)
     writes.copy(param, new_param)
     # a batch of one through the bucket path's factor op, so that both paths accumulate the same bits
-    eigenvalues = state.get("eigenvalues")
+    eigenvalues = state["eigenvalues"] if group["factor_update"] == "kl" else None  # see _match_eigenvalues
     whiteners = None if eigenvalues is None else _whiteners(_as_batch_of_one(bases), _as_batch_of_one(eigenvalues))
     writes.update(_bucket_factor_ema(
         _as_batch_of_one(state["factors"]), factor_grad.unsqueeze(0), shampoo_beta, get_ops(False), whiteners
@@ -633,7 +648,7 @@ def _refresh_one_(state: Dict[str, Any], group: Dict[str, Any]) -> None:
         [state[key].unsqueeze(0) for key in _SECOND_MOMENTS if key in state], group,
         # the new basis itself, in the QR's memory layout, which later products round by
         install=lambda axis, new: state["bases"].__setitem__(axis, new[0]),
-        eigenvalues=_as_batch_of_one(state["eigenvalues"]) if "eigenvalues" in state else None,
+        eigenvalues=_as_batch_of_one(state["eigenvalues"]) if group["factor_update"] == "kl" else None,
     )
 
 
@@ -659,7 +674,7 @@ def soap_bucket_update_(
     states = [item.state for item in items]
     batch = len(items)
     axes = [k for k, p in enumerate(preconditioned) if p]
-    kl = "eigenvalues" in states[0]  # all or none: see _match_eigenvalues
+    kl = group["factor_update"] == "kl"  # then every state has eigenvalues: see _match_eigenvalues
     kinds = [("bases", k) for k in axes] + [("factors", k) for k in axes] + [("exp_avg", None), ("exp_avg_sq", None)]
     if kl:
         kinds += [("eigenvalues", k) for k in axes]
