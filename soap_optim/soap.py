@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections import ChainMap
+from collections import ChainMap, Counter
 from functools import partial
 from typing import Any, Callable, Dict, List, MutableMapping, NamedTuple, Optional, Tuple
 
@@ -379,9 +379,11 @@ class SOAP(SoapOptimizerBase):
         steps = next_steps([state for _, _, state, _ in ready], writes)
         make = tuple.__new__  # _Item(...) without the keyword handling of a NamedTuple's __new__ (one per tensor)
         ready = [make(_Item, (*fields, step)) for fields, step in zip(ready, steps)]
+        if screen.storage_shared:  # before any bucketing: such parameters may land in different buckets
+            stepped = _sequential_if_shared(ready, group, shampoo_beta, guard)
+            ready = [item for item, done in zip(ready, stepped) if not done]
+            kinds = [kind for kind, done in zip(kinds, stepped) if not done]
         if group["foreach"] is False:
-            if screen.storage_shared:
-                ready = _sequential_if_shared(ready, group, shampoo_beta, guard)
             for item in ready:
                 soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, item.step, guard, writes)
             return writes
@@ -400,10 +402,6 @@ class SOAP(SoapOptimizerBase):
             participation = self.__dict__.setdefault("_participation", {})  # see buckets.bucket_pools
             ops = resolve_ops(group["fused"], (item.state["exp_avg"] for items in buckets.values() for item in items))
             for key, items in buckets.items():
-                if screen.storage_shared:
-                    items = _sequential_if_shared(items, group, shampoo_beta, guard)
-                    if not items:
-                        continue
                 if key[0] == "elementwise":
                     soap_elementwise_update_(items, group, ops, writes)
                 else:
@@ -756,27 +754,22 @@ def soap_bucket_update_(
     ))
 
 
-def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, guard: bool) -> List[_Item]:
+def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, guard: bool) -> List[bool]:
     """Step, one at a time and in order, the items whose parameter shares its storage with another item's;
-    return the rest.
+    return whether each item was stepped here.
 
     Every path computes new parameters into buffers of their own and copies them back, so of two
     parameters on one storage only the last copy would survive. One at a time and written at once, each
     update is applied to the other's result, as torch.optim.AdamW does (only host metadata is read: no
-    sync). Called per bucket, and only where the step found parameters on one storage
-    (``Screen.storage_shared``): otherwise every item is on a storage of its own.
+    sync). Called once per group, before the items are bucketed (two views of one storage may have
+    different shapes), and only where the step found parameters on one storage (``Screen.storage_shared``).
     """
     storages = [item.param.untyped_storage().data_ptr() for item in items]
-    if len(set(storages)) == len(storages):
-        return items
-    shared = {ptr for ptr in storages if storages.count(ptr) > 1}
-    rest = []
+    shared = {ptr for ptr, count in Counter(storages).items() if count > 1}
     for item, ptr in zip(items, storages):
         if ptr in shared:
             soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, item.step, guard)
-        else:
-            rest.append(item)
-    return rest
+    return [ptr in shared for ptr in storages]
 
 
 def _bucket_factor_ema(
