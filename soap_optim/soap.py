@@ -171,10 +171,10 @@ class SOAP(SoapOptimizerBase):
             below at 1e-6 of their largest. The first update starts from isotropic factors
             :math:`\rho I` whose Kronecker product has the first gradient's mean square
             (``soap_optim.eigenbasis.kl`` says why scale and isotropy matter). Everything else is
-            SOAP's. Costs one more mode product per pair of axes per step (the refresh's estimates come
-            from the :math:`F Q` of its power step). On every path (one-parameter, batched, fused: the kernels' factor op is fed the
-            whitened unfoldings), with ``one_sided`` (a single factor: its Gram matrix, scaled) and
-            ``factorized``.
+            SOAP's. Costs one more mode product per pair of axes per step (a refresh's estimates come
+            from the :math:`F Q` of its power step). On every path (one-parameter, batched, fused: the
+            kernels' factor op is fed the whitened unfoldings), with ``one_sided`` (a single factor: its
+            Gram matrix, scaled) and ``factorized``.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
