@@ -62,8 +62,9 @@ def state_dtype(param: torch.Tensor, group: Optional[Dict[str, Any]] = None) -> 
 
 
 class Screen(NamedTuple):
-    """What the gradient check learned that the math may use this step (passed down explicitly: under
-    ``torch.compile`` an attribute written across a graph break is not reliably seen later)."""
+    """What the gradient check (and the step, before the math) learned that the math may use this step
+    (passed down explicitly: under ``torch.compile`` an attribute written across a graph break is not
+    reliably seen later)."""
 
     # the largest gradient Frobenius norm (over ranks), or a bound of it far below every threshold it is
     # compared with (see SoapOptimizerBase._gradients_below_every_threshold)
@@ -71,6 +72,9 @@ class Screen(NamedTuple):
     grams_may_overflow: bool  # some gradient is large enough for its Gram matrices to overflow float32
     # skip_nonfinite_grads="on_device": whether the gradients pass the check, a 0-d bool on the device
     passed: Optional[torch.Tensor] = None
+    # some two stepped parameters share a storage (so one must be stepped from the other's result); the
+    # step sets it once for all groups, True (look for them) where not known
+    storage_shared: bool = True
 
 
 class Slot(NamedTuple):
@@ -767,6 +771,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         # of two parameters on one storage, the second must be stepped from the first one's result: each
         # group's writes are then applied right after its math, and the backup copy undoes a failure
         shared = len({param.untyped_storage().data_ptr() for param in stepped}) < len(stepped)
+        screen = screen._replace(storage_shared=shared)  # the math need not look again
         # a group that writes in place needs its copy unless no other group's math runs after it: a later
         # group's failure would otherwise leave its writes behind (held writes are applied after all the math)
         last = max((i for i, (_, slots) in enumerate(work) if slots), default=-1)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections import ChainMap, Counter
 from functools import partial
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, MutableMapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -170,10 +171,10 @@ class SOAP(SoapOptimizerBase):
             below at 1e-6 of their largest. The first update starts from isotropic factors
             :math:`\rho I` whose Kronecker product has the first gradient's mean square
             (``soap_optim.eigenbasis.kl`` says why scale and isotropy matter). Everything else is
-            SOAP's. Costs one more mode product per pair of axes per step and one more :math:`F Q` per
-            refresh. On every path (one-parameter, batched, fused: the kernels' factor op is fed the
-            whitened unfoldings), with ``one_sided`` (a single factor: its Gram matrix, scaled) and
-            ``factorized``.
+            SOAP's. Costs one more mode product per pair of axes per step (a refresh's estimates come
+            from the :math:`F Q` of its power step). On every path (one-parameter, batched, fused: the
+            kernels' factor op is fed the whitened unfoldings), with ``one_sided`` (a single factor: its
+            Gram matrix, scaled) and ``factorized``.
 
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
@@ -324,8 +325,8 @@ class SOAP(SoapOptimizerBase):
         dims = [d for d in plan.factor_dims if d is not None]
         refresh = sum(4 * d**3 + 2 * numel * d for d in dims) / hyper["precondition_frequency"]
         cost = 3 * numel * sum(dims) + refresh + 10 * numel
-        if hyper["factor_update"] == "kl":  # whitening by the other factors; F Q for the estimates
-            cost += (len(dims) - 1) * numel * sum(dims) + sum(d**3 for d in dims) / hyper["precondition_frequency"]
+        if hyper["factor_update"] == "kl":  # whitening by the other factors (the estimates: the refresh's F Q)
+            cost += (len(dims) - 1) * numel * sum(dims)
         return cost
 
     # _max_grad_norm: the base's sqrt(max)/2. The rotation's partial sums are bounded by ||G||_F (orthonormal
@@ -373,14 +374,17 @@ class SOAP(SoapOptimizerBase):
             if not state:
                 _init_state(state, plan, grad, shampoo_beta, factored=_is_factored(plan, group), guard=guard, kl=kl)
             else:
-                writes.relaid |= _match_eigenvalues(state, kl)
-                ready.append((slot.param, grad, state, plan))
+                ready.append((slot.param, grad, _match_eigenvalues(state, kl, writes), plan))
                 kinds.append(kind)
         steps = next_steps([state for _, _, state, _ in ready], writes)
         make = tuple.__new__  # _Item(...) without the keyword handling of a NamedTuple's __new__ (one per tensor)
         ready = [make(_Item, (*fields, step)) for fields, step in zip(ready, steps)]
+        if screen.storage_shared:  # before any bucketing: such parameters may land in different buckets
+            stepped = _sequential_if_shared(ready, group, shampoo_beta, guard)
+            ready = [item for item, done in zip(ready, stepped) if not done]
+            kinds = [kind for kind, done in zip(kinds, stepped) if not done]
         if group["foreach"] is False:
-            for item in _sequential_if_shared(ready, group, shampoo_beta, guard):
+            for item in ready:
                 soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, item.step, guard, writes)
             return writes
         buckets: Dict[Tuple, List[_Item]] = {}
@@ -408,7 +412,7 @@ class SOAP(SoapOptimizerBase):
 class _Item(NamedTuple):
     param: torch.Tensor
     grad: torch.Tensor  # merged layout, state precision, sign-flipped under maximize
-    state: Dict[str, Any]
+    state: MutableMapping[str, Any]  # the state, or a view with what the step's writes add (_match_eigenvalues)
     plan: Plan
     step: int = 0  # the step this update takes (state["step"] + 1, see next_steps)
 
@@ -451,17 +455,32 @@ def _init_state(
         state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
 
 
-def _match_eigenvalues(state: Dict[str, Any], kl: bool) -> bool:
-    """``state["eigenvalues"]`` exists exactly under the KL factor update: estimated from the factors and
-    bases where it is missing (a checkpoint from before it, or a group switched to "kl"), dropped otherwise
-    (so that a later switch back re-estimates instead of using stale values). Derived from the state alone,
-    so a step that fails after it leaves what the next attempt would compute anyway. Whether entries were
-    dropped (rows of a bucket's pool may be left unused)."""
+def _match_eigenvalues(state: Dict[str, Any], kl: bool, writes: PendingWrites) -> MutableMapping[str, Any]:
+    """The state as this step's math sees it, with ``eigenvalues`` exactly under the KL factor update:
+    estimated from the factors and bases where the entry is missing (a checkpoint from before it, or a
+    group switched to "kl"), dropped otherwise (so that a later switch back re-estimates instead of using
+    stale values). Both changes are among ``writes``, so that a step that fails leaves the state as it
+    was; until then the math sees new estimates through the returned view (the state itself where
+    nothing is added), and decides by ``kl``, never by the entry, whether to use them."""
     if not kl:
-        return state.pop("eigenvalues", None) is not None
-    if "eigenvalues" not in state:
-        state["eigenvalues"] = estimates_of(state["factors"], state["bases"])
-    return False
+        if "eigenvalues" in state:
+            writes.update(partial(state.pop, "eigenvalues"))
+            writes.relaid = True  # rows of a bucket's pool may be left unused
+        return state
+    if "eigenvalues" in state:
+        return state
+    added = {"eigenvalues": estimates_of(state["factors"], state["bases"])}
+    writes.update(partial(state.update, added))
+    return _StateWithAdded(added, state)
+
+
+class _StateWithAdded(ChainMap):
+    """A state (``maps[1]``) with the entries that its step's writes add (``maps[0]``): the math reads both;
+    what it stores under the state's own keys (a bucket stacking the entries into its pools) goes to the
+    state itself, what it stores under an added key (the rows of a new pool) stays with the addition."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        (self.maps[0] if key in self.maps[0] else self.maps[1])[key] = value
 
 
 def _whiteners(bases, eigenvalues: Optional[List[Optional[torch.Tensor]]]):
@@ -509,7 +528,7 @@ def soap_update_(
         writes.copy(state[key], value)
     writes.copy(param, new_param)
     # a batch of one through the bucket path's factor op, so that both paths accumulate the same bits
-    eigenvalues = state.get("eigenvalues")
+    eigenvalues = state["eigenvalues"] if group["factor_update"] == "kl" else None  # see _match_eigenvalues
     whiteners = None if eigenvalues is None else _whiteners(_as_batch_of_one(bases), _as_batch_of_one(eigenvalues))
     writes.update(_bucket_factor_ema(
         _as_batch_of_one(state["factors"]), factor_grad.unsqueeze(0), shampoo_beta, get_ops(False), whiteners
@@ -572,12 +591,14 @@ def _refresh_stack_(
         factors = [None if f is None else f.index_select(0, index) for f in factors]
         old_bases = [None if b is None else b.index_select(0, index) for b in bases]
         carried = [moment.index_select(0, index) for moment in moments]
-    values = None
+    values, estimates = None, None
     if eigenvalues is not None:
         old_values = [v if v is None or index is None else v.index_select(0, index) for v in eigenvalues]
-        estimates = estimates_of(factors, old_bases)  # before the refresh: diag(O^T F O) in the old bases
+        estimates = [None] * len(factors)  # the refresh's diag(O^T F O) in the old bases, from its power step
     new_bases = list(old_bases)
-    orders = refresh_bases_(factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"])
+    orders = refresh_bases_(
+        factors, new_bases, carried[0], batch_dims=1, tolerance=group["refresh_tolerance"], estimates=estimates
+    )
     if eigenvalues is not None:
         values = new_eigenvalues(old_values, estimates, orders)
     refreshed = any(order is not None for order in orders)
@@ -625,7 +646,7 @@ def _refresh_one_(state: Dict[str, Any], group: Dict[str, Any]) -> None:
         [state[key].unsqueeze(0) for key in _SECOND_MOMENTS if key in state], group,
         # the new basis itself, in the QR's memory layout, which later products round by
         install=lambda axis, new: state["bases"].__setitem__(axis, new[0]),
-        eigenvalues=_as_batch_of_one(state["eigenvalues"]) if "eigenvalues" in state else None,
+        eigenvalues=_as_batch_of_one(state["eigenvalues"]) if group["factor_update"] == "kl" else None,
     )
 
 
@@ -643,17 +664,15 @@ def soap_bucket_update_(
     parameter update; mode products on different axes commute, so the order is free. The new moments
     and parameters are computed into buffers of their own and left in ``writes``, with the factor EMA
     and the refresh. ``history``: which members took part in earlier steps, per pool, kept by the caller
-    (see ``buckets.bucket_pools``).
+    (see ``buckets.bucket_pools``). The members' parameters are on storages of their own (see
+    ``_sequential_if_shared``).
     """
-    items = _sequential_if_shared(items, group, shampoo_beta, guard)
-    if not items:
-        return
     shape = items[0].plan.merged_shape
     preconditioned = items[0].plan.preconditioned
     states = [item.state for item in items]
     batch = len(items)
     axes = [k for k, p in enumerate(preconditioned) if p]
-    kl = "eigenvalues" in states[0]  # all or none: see _match_eigenvalues
+    kl = group["factor_update"] == "kl"  # then every state has eigenvalues: see _match_eigenvalues
     kinds = [("bases", k) for k in axes] + [("factors", k) for k in axes] + [("exp_avg", None), ("exp_avg_sq", None)]
     if kl:
         kinds += [("eigenvalues", k) for k in axes]
@@ -735,26 +754,22 @@ def soap_bucket_update_(
     ))
 
 
-def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, guard: bool) -> List[_Item]:
+def _sequential_if_shared(items: List[_Item], group: Dict[str, Any], shampoo_beta: float, guard: bool) -> List[bool]:
     """Step, one at a time and in order, the items whose parameter shares its storage with another item's;
-    return the rest.
+    return whether each item was stepped here.
 
     Every path computes new parameters into buffers of their own and copies them back, so of two
     parameters on one storage only the last copy would survive. One at a time and written at once, each
     update is applied to the other's result, as torch.optim.AdamW does (only host metadata is read: no
-    sync).
+    sync). Called once per group, before the items are bucketed (two views of one storage may have
+    different shapes), and only where the step found parameters on one storage (``Screen.storage_shared``).
     """
     storages = [item.param.untyped_storage().data_ptr() for item in items]
-    if len(set(storages)) == len(storages):
-        return items
-    shared = {ptr for ptr in storages if storages.count(ptr) > 1}
-    rest = []
+    shared = {ptr for ptr, count in Counter(storages).items() if count > 1}
     for item, ptr in zip(items, storages):
         if ptr in shared:
             soap_update_(item.param, item.grad, item.state, item.plan, group, shampoo_beta, item.step, guard)
-        else:
-            rest.append(item)
-    return rest
+    return [ptr in shared for ptr in storages]
 
 
 def _bucket_factor_ema(
@@ -795,10 +810,8 @@ def soap_elementwise_update_(items: List[_Item], group: Dict[str, Any], ops, wri
     Two or more tensors are stepped as one flat vector: their moments live back to back in one buffer
     (see ``buckets.flat_state``), gradients and parameters are concatenated for the step, so the call
     costs a handful of ops (or one kernel launch) however many small tensors (biases, norm gains) the
-    bucket holds. The new moments and parameters go to buffers of their own, left in ``writes``."""
-    items = _sequential_if_shared(items, group, 0.0, False)  # no factors here: beta and guard are unused
-    if not items:
-        return
+    bucket holds. The new moments and parameters go to buffers of their own, left in ``writes``. The
+    parameters are on storages of their own (see ``_sequential_if_shared``)."""
     beta1, beta2 = group["betas"]
     kwargs = dict(
         beta1=beta1,

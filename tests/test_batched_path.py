@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from registry import assert_bitwise_equal, optimizer_snapshot
 from soap_optim import SOAP
 
 
@@ -110,6 +111,27 @@ def test_parameters_sharing_a_storage_get_both_updates_on_every_path(shape, opti
     single, _ = _shared_storage_run(shape, lambda ps: SOAP(ps, lr=0.1, foreach=False, **options))
     batched, _ = _shared_storage_run(shape, lambda ps: SOAP(ps, lr=0.1, **options))
     assert torch.equal(single, batched)
+
+
+def test_parameters_sharing_a_storage_in_different_shapes_get_both_updates():
+    """A matrix and a flat view of its storage go to different buckets (rotated matrices, elementwise); the
+    batched path still steps them one after the other, as foreach=False does: the same bits."""
+
+    def run(foreach):
+        generator = torch.Generator().manual_seed(6)
+        base = torch.randn(20, dtype=torch.float64, generator=generator)
+        matrix, flat = torch.nn.Parameter(base.view(5, 4)), torch.nn.Parameter(base)
+        opt = SOAP([matrix, flat], lr=0.1, foreach=foreach)
+        for _ in range(4):
+            matrix.grad = torch.randn(5, 4, dtype=torch.float64, generator=generator)
+            flat.grad = torch.randn(20, dtype=torch.float64, generator=generator)
+            opt.step()
+        return base.clone(), opt
+
+    single, single_opt = run(False)
+    batched, batched_opt = run(None)
+    assert torch.equal(single, batched)
+    assert_bitwise_equal(optimizer_snapshot(batched_opt), optimizer_snapshot(single_opt))
 
 
 @pytest.mark.parametrize("foreach", [True, False])

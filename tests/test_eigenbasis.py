@@ -17,6 +17,8 @@ from soap_optim.eigenbasis import (
     zero_factors,
 )
 from soap_optim.eigenbasis import bases as bases_module
+from soap_optim.eigenbasis.bases import refreshed_basis_if_any
+from soap_optim.eigenbasis.kl import eigenvalue_estimates
 
 
 def _random_orthonormal(n, seed):
@@ -235,22 +237,28 @@ def test_basis_drift_is_the_relative_off_diagonal_mass_of_the_rotated_factor():
 
 @pytest.mark.parametrize("size", [5, 7, 36])
 def test_refresh_with_a_tolerance_keeps_settled_bases_and_stays_independent_of_the_stack(size):
-    from soap_optim.eigenbasis.bases import refreshed_basis_where_drifted
-
     gen = torch.Generator().manual_seed(size)
     grams = torch.randn(3, size, size, generator=gen)
     factors = grams @ grams.mT
     eigenbases = torch.linalg.eigh(factors.double())[1].flip(-1).float()
     bases = eigenbases.clone()
     bases[1] = torch.linalg.qr(torch.randn(size, size, generator=gen))[0]  # only the middle one has drifted
-    new, order, refreshed = refreshed_basis_where_drifted(factors, bases, 0.05)
+    result = refreshed_basis_if_any(factors, bases, 0.05)
+    new, order, refreshed = result.basis, result.order, result.refreshed
     assert refreshed.tolist() == [False, True, False]
     for i in (0, 2):
         assert torch.equal(new[i], bases[i]) and torch.equal(order[i], torch.arange(size))
     assert torch.equal(new[1], refreshed_basis(factors[1:2].clone(), bases[1:2].clone())[0][0])
     for i in range(3):
-        alone = refreshed_basis_where_drifted(factors[i : i + 1].clone(), bases[i : i + 1].clone(), 0.05)
-        assert torch.equal(new[i], alone[0][0]) and torch.equal(order[i], alone[1][0])
+        alone = refreshed_basis_if_any(factors[i : i + 1].clone(), bases[i : i + 1].clone(), 0.05)
+        assert torch.equal(result.estimates[i], alone.estimates[0])
+        if i == 1:
+            assert torch.equal(new[i], alone.basis[0]) and torch.equal(order[i], alone.order[0])
+        else:  # settled alone: the host knows that nothing changed
+            assert alone.basis is None and alone.order is None and alone.refreshed is None
+    # the estimates are diag(O^T F O) in the old bases, also where nothing changed
+    expected = torch.einsum("bji,bjk,bki->bi", bases.double(), factors.double(), bases.double())
+    torch.testing.assert_close(result.estimates.double(), expected, rtol=1e-5, atol=1e-4 * size)
 
 
 def test_refresh_with_a_tolerance_rotates_the_first_moment_only_where_a_basis_changed():
@@ -274,7 +282,8 @@ def test_refresh_with_a_tolerance_rotates_the_first_moment_only_where_a_basis_ch
 
 def test_a_non_finite_factor_in_a_stack_keeps_only_its_own_basis_and_moment(monkeypatch):
     """Per matrix, on the device: the bad factor's tensor keeps its basis (identity order) and its first
-    moment bit for bit; the others refresh exactly as they would alone."""
+    moment bit for bit, and NaN eigenvalue estimates (a zeroed factor's zeros are none); the others
+    refresh exactly as they would alone."""
     gen = torch.Generator().manual_seed(4)
     grams = torch.randn(3, 5, 5, generator=gen)
     factors = grams @ grams.mT
@@ -286,13 +295,21 @@ def test_a_non_finite_factor_in_a_stack_keeps_only_its_own_basis_and_moment(monk
     monkeypatch.setattr(bases_module, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        orders = refresh_bases_([factors, None], stack, exp_avg, batch_dims=1)
+        estimates = [None, None]
+        orders = refresh_bases_([factors, None], stack, exp_avg, batch_dims=1, estimates=estimates)
     assert torch.equal(stack[0][1], before_bases[1]) and torch.equal(orders[0][1], torch.arange(5))
     assert torch.equal(exp_avg[1], before_avg[1])
+    assert torch.isnan(estimates[0][1]).all() and estimates[1] is None
     for i in (0, 2):
         alone_bases, alone_avg = [before_bases[i : i + 1].clone(), None], before_avg[i : i + 1].clone()
-        alone_orders = refresh_bases_([factors[i : i + 1].clone(), None], alone_bases, alone_avg, batch_dims=1)
+        alone_estimates = [None, None]
+        alone_orders = refresh_bases_(
+            [factors[i : i + 1].clone(), None], alone_bases, alone_avg, batch_dims=1, estimates=alone_estimates
+        )
         assert torch.equal(stack[0][i], alone_bases[0][0]) and torch.equal(exp_avg[i], alone_avg[0])
         assert torch.equal(orders[0][i], alone_orders[0][0])
+        assert torch.equal(estimates[0][i], alone_estimates[0][0])
+        # the bits of KL-SOAP's own product (which the refresh's power step replaced)
+        assert torch.equal(estimates[0][i], eigenvalue_estimates(factors[i : i + 1], before_bases[i : i + 1])[0])
     assert all(torch.isfinite(t).all() for t in (stack[0], exp_avg))
     assert any("not finite; keeping the previous basis" in str(w.message) for w in caught)  # read at once outside a step

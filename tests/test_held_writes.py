@@ -8,6 +8,7 @@ A basis refresh comes after the writes: one that fails keeps its bases and momen
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -125,6 +126,45 @@ def test_out_of_memory_at_any_allocation_changes_nothing(config, dtype):
     _fail_at_every_allocation(opt, params, counter.count, before, state_before)
     assert_bitwise_equal([p.detach() for p in params], [p.detach() for p in control_params])
     assert_bitwise_equal(optimizer_snapshot(opt), optimizer_snapshot(control))
+
+
+def _without_eigenvalues(opt):
+    """Load ``opt``'s own checkpoint with the KL eigenvalues taken out: one saved before they existed."""
+    state_dict = copy.deepcopy(opt.state_dict())
+    for entry in state_dict["state"].values():
+        entry.pop("eigenvalues")
+    opt.load_state_dict(state_dict)
+
+
+def _switched_to_gram(opt):
+    for group in opt.param_groups:
+        group["factor_update"] = "gram"
+
+
+@pytest.mark.parametrize("change", [_without_eigenvalues, _switched_to_gram], ids=["old-checkpoint", "to-gram"])
+@pytest.mark.parametrize("foreach", [None, False], ids=["batched", "one-at-a-time"])
+def test_out_of_memory_leaves_the_eigenvalues_entry_as_it_was(change, foreach):
+    """A KL state without ``eigenvalues`` (a checkpoint from before them) gets them estimated by its next
+    step, and a group switched to Gram factors drops them: both with the step's writes, so that a step
+    that fails at any allocation leaves every state's entries as they were; the step then taken gives a
+    never-failed run's bits."""
+    options = dict(CONFIGS["kl"], foreach=foreach)
+    opt, params = _trained(options, 4, rollback_on_error=False)
+    control, control_params = _trained(options, 4)
+    for optimizer in (opt, control):
+        change(optimizer)
+    _grads(params, 99)
+    _grads(control_params, 99)
+    counter = _FailAt()
+    with counter:
+        control.step()
+    assert counter.count > 30
+    before, state_before = [p.detach().clone() for p in params], optimizer_snapshot(opt)
+    assert any(("eigenvalues" in state) != (change is _without_eigenvalues) for state in state_before)
+    _fail_at_every_allocation(opt, params, counter.count, before, state_before)
+    assert_bitwise_equal([p.detach() for p in params], [p.detach() for p in control_params])
+    assert_bitwise_equal(optimizer_snapshot(opt), optimizer_snapshot(control))
+    assert all(("eigenvalues" in state) == (change is _without_eigenvalues) for state in optimizer_snapshot(opt))
 
 
 @pytest.mark.parametrize("config", ["default", "one-at-a-time"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -339,6 +340,40 @@ def test_resume_is_bitwise():
         for key in ("factors", "bases", "eigenvalues"):
             for x, y in zip(opt.state[a][key], other.state[b][key]):
                 assert (x is None and y is None) or torch.equal(x, y), key
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["batched", "one-parameter"])
+def test_a_refresh_keeps_the_eigenvalues_of_a_non_finite_factor(foreach):
+    """A refresh takes its estimates diag(O^T F O) from its power step, in the old bases, re-ordered like the
+    new columns; a factor that is not finite keeps its basis and its eigenvalues bit for bit (the refresh
+    zeroes such a factor for its products: zeros are no estimates)."""
+    g = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=g)) for _ in range(2)]
+    opt = SOAP(params, lr=1e-2, factor_update="kl", precondition_frequency=2, foreach=foreach, fused=False)
+    for _ in range(2):  # the first step builds the bases, the second is no refresh (step 1)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    poisoned = opt.state[params[0]]
+    poisoned["factors"][1][2, 1] = float("nan")  # its right factor (a row of the bucket's pool when batched)
+    before = [[t.clone() for t in opt.state[p][key]] for p in params for key in ("bases", "eigenvalues")]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning (once per process, at the next host read)
+        opt.step()  # step 2: a refresh
+    old_bases = {0: before[0], 1: before[2]}
+    for index, p in enumerate(params):
+        state = opt.state[p]
+        for axis, (factor, basis) in enumerate(zip(state["factors"], old_bases[index])):
+            if index == 0 and axis == 1:
+                assert torch.equal(state["eigenvalues"][axis], before[1][axis])
+                assert torch.equal(state["bases"][axis], basis)
+                continue
+            estimate = (basis.double() * (factor.double() @ basis.double())).sum(dim=0)
+            torch.testing.assert_close(state["eigenvalues"][axis].double(), estimate.sort(descending=True).values,
+                                       rtol=1e-5, atol=1e-6)
+            assert not torch.equal(state["bases"][axis], basis)
 
 
 def test_checkpoint_without_eigenvalues_loads_and_estimates_them():

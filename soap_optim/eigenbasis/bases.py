@@ -6,7 +6,8 @@ Refresh:      est = diag(O^T F O); order = argsort(est, descending);
               Q = QR(F O[:, order]).Q          (O is the current basis)
 
 The refresh also returns ``order`` because moments kept in the eigenbasis must be permuted
-along with the columns.
+along with the columns, and its estimates ``est``, which KL-SOAP keeps as eigenvalues (no product
+of their own).
 
 Fallbacks, decided per matrix on the device (``torch.where`` over the stack; no host read): a factor
 with NaN/Inf never reaches eigh, a product or QR (a zero matrix goes in instead) and keeps the
@@ -22,9 +23,10 @@ functions read the decision at once and warn.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -184,6 +186,20 @@ def basis_drift(factor_basis: torch.Tensor, estimated: torch.Tensor) -> torch.Te
     return (1 - ratio).clamp(min=0).sqrt()
 
 
+class BasisRefresh(NamedTuple):
+    """What :func:`refreshed_basis_if_any` computed for a [..., d, d] stack of factors F and bases O."""
+
+    # diag(O^T F O) in the old bases, [..., d]: the power step's eigenvalue estimates (KL-SOAP keeps them);
+    # NaN for a matrix whose factor is not finite (it has none)
+    estimates: torch.Tensor
+    # the new bases, the old columns' order in them ([..., d]: the identity for a matrix that kept its basis)
+    # and which matrices took a new basis ([...]); all three None where the host knows that no matrix
+    # changed (every QR raised, or none drifted), so that the caller can skip carrying its moments
+    basis: Optional[torch.Tensor] = None
+    order: Optional[torch.Tensor] = None
+    refreshed: Optional[torch.Tensor] = None
+
+
 def refreshed_basis(factor: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """One power-iteration + QR step from ``basis``: returns (new basis, column order) or None.
 
@@ -192,35 +208,19 @@ def refreshed_basis(factor: torch.Tensor, basis: torch.Tensor) -> Optional[Tuple
     means that no matrix could be refreshed (every QR raised).
     """
     result = refreshed_basis_if_any(factor, basis, 0.0)
-    return None if result is None else result[:2]
-
-
-def refreshed_basis_where_drifted(
-    factor: torch.Tensor, basis: torch.Tensor, tolerance: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`refreshed_basis` for the matrices whose :func:`basis_drift` exceeds ``tolerance`` only.
-
-    Returns (new basis, order, refreshed), ``refreshed`` a bool [...] mask on the device: the matrices
-    that took a new basis. A matrix left alone (settled, non-finite factor or QR) keeps its basis bit
-    for bit and gets the identity order. Each matrix's decision and QR are its own, so a basis does not
-    depend on which other factors share its stack.
-    """
-    result = refreshed_basis_if_any(factor, basis, tolerance)
-    if result is None:
-        identity = torch.arange(basis.shape[-1], device=basis.device).expand(basis.shape[:-1])
-        return basis, identity, torch.zeros(basis.shape[:-2], dtype=torch.bool, device=basis.device)
-    return result
+    return None if result.basis is None else (result.basis, result.order)
 
 
 @full_float32_matmul()
-def refreshed_basis_if_any(
-    factor: torch.Tensor, basis: torch.Tensor, tolerance: float
-) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`refreshed_basis_where_drifted`, or None where the host knows that no matrix changed
-    (every QR raised, or none drifted), so that the caller can skip carrying its moments.
+def refreshed_basis_if_any(factor: torch.Tensor, basis: torch.Tensor, tolerance: float) -> BasisRefresh:
+    """:func:`refreshed_basis` of a [..., d, d] stack, for the matrices whose :func:`basis_drift` exceeds
+    ``tolerance`` only (0: every matrix), with the power step's eigenvalue estimates.
 
-    ``tolerance`` = 0 reads nothing on the host. ``tolerance`` > 0 reads the drift decisions once (a
-    host sync): that read is what lets settled matrices skip their QR, the refresh's largest cost.
+    A matrix left alone (settled, non-finite factor or QR) keeps its basis bit for bit and gets the
+    identity order. Each matrix's decision and QR are its own, so a basis does not depend on which other
+    factors share its stack. ``tolerance`` = 0 reads nothing on the host. ``tolerance`` > 0 reads the
+    drift decisions once (a host sync): that read is what lets settled matrices skip their QR, the
+    refresh's largest cost.
     """
     finite = finite_matrices(factor)
     note_fallback(_REFRESH_FACTOR, ~finite)
@@ -228,19 +228,21 @@ def refreshed_basis_if_any(
     # One product serves both the eigenvalue estimates diag(O^T F O) and the power iteration F O.
     factor_basis = factor @ basis
     estimated = (basis * factor_basis).sum(dim=-2)
+    # a zeroed factor's estimates are zeros, not estimates: NaN says so (KL-SOAP then keeps its old ones)
+    estimates = torch.where(finite.unsqueeze(-1), estimated, math.nan)
     order = torch.argsort(estimated, dim=-1, descending=True)
     wanted = None
     if tolerance > 0:
         drifted = finite & (basis_drift(factor_basis, estimated) > tolerance)
         wanted = drifted.reshape(-1).tolist()  # the one host read of a refresh with a tolerance
         if not any(wanted):
-            return None
+            return BasisRefresh(estimates)
     columns = torch.gather(factor_basis, -1, order.unsqueeze(-2).expand(factor_basis.shape))
     new_basis, raised = _orthonormal_factors(columns, basis, wanted)
     if raised:  # known on the host: LAPACK raised for these matrices
         _warn_once(FALLBACK_MESSAGES[_REFRESH_QR])
         if len(raised) == (len(wanted) - wanted.count(False) if wanted is not None else finite.numel()):
-            return None
+            return BasisRefresh(estimates)
         kept = torch.zeros(finite.numel(), dtype=torch.bool)
         kept[raised] = True
         finite = finite & ~kept.reshape(finite.shape).to(finite.device)
@@ -251,7 +253,7 @@ def refreshed_basis_if_any(
         refreshed = refreshed & drifted
     identity = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
     order = torch.where(refreshed.unsqueeze(-1), order, identity)
-    return _where_matrices(refreshed, new_basis, basis), order, refreshed
+    return BasisRefresh(estimates, _where_matrices(refreshed, new_basis, basis), order, refreshed)
 
 
 def _orthonormal_factors(

@@ -63,7 +63,8 @@ Factors = Sequence[Optional[torch.Tensor]]
 
 @full_float32_matmul()
 def eigenvalue_estimates(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """diag(Q^T F Q) for a [..., d, d] factor and basis: [..., d] (the refresh's own estimates)."""
+    """diag(Q^T F Q) for a [..., d, d] factor and basis: [..., d], as a refresh estimates them from its
+    power step (``bases.BasisRefresh.estimates``, the same ops): for the bases that no refresh made."""
     return (basis * (factor @ basis)).sum(dim=-2)
 
 

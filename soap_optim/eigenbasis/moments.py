@@ -25,6 +25,7 @@ def refresh_bases_(
     exp_avg: Optional[torch.Tensor] = None,
     batch_dims: int = 0,
     tolerance: float = 0.0,
+    estimates: Optional[List[Optional[torch.Tensor]]] = None,
 ) -> Orders:
     """In place: refresh every basis that has a factor and rotate ``exp_avg`` into the new bases.
 
@@ -35,6 +36,9 @@ def refresh_bases_(
     ``tolerance`` > 0: only bases that drifted more than that from their factor's eigenbasis are
     refreshed (see ``bases.basis_drift``). A tensor none of whose bases changed (settled, or a fallback of
     ``bases``) keeps ``exp_avg`` bit for bit: decided per tensor on the device, with no host read.
+    ``estimates`` (a list as long as ``bases``): filled in place with each axis's eigenvalue estimates
+    diag(O^T F O) in the old basis, in the old columns' order, whether or not its basis changed (NaN for a
+    matrix whose factor is not finite; None where there is no factor; see ``bases.BasisRefresh``).
     """
     old_bases = list(bases)
     orders: Orders = [None] * len(bases)
@@ -43,11 +47,12 @@ def refresh_bases_(
         if factor is None:
             continue
         result = refreshed_basis_if_any(factor, basis, tolerance)
-        if result is None:
+        if estimates is not None:
+            estimates[axis] = result.estimates
+        if result.basis is None:
             continue
-        new_basis, order, refreshed = result
-        bases[axis], orders[axis] = new_basis, order
-        changed = refreshed if changed is None else changed | refreshed
+        bases[axis], orders[axis] = result.basis, result.order
+        changed = result.refreshed if changed is None else changed | result.refreshed
     if all(order is None for order in orders):
         return orders
     if exp_avg is not None:
