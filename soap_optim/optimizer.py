@@ -651,6 +651,16 @@ class SoapOptimizerBase(torch.optim.Optimizer):
                 if problem is not None:
                     raise ValueError(f"{type(self).__name__}: fused=True cannot run here: {problem}; use fused=None or False")
 
+    def _read_with_fallbacks(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (a 1-D device tensor) on the host: the step's one host read, which also brings the
+        eigenbasis fallbacks counted on the device since the last read and reports them."""
+        fallbacks = self._basis_fallbacks.take(values.device)
+        if fallbacks is None:
+            return values.cpu()
+        read = torch.cat([values, fallbacks]).cpu()
+        report_fallbacks(read[len(values) :].tolist())
+        return read[: len(values)]
+
     def _gradients_below_every_threshold(self, grads, hypers) -> Optional[Screen]:
         """The screen's shortcut on one process (host tensors): the Screen when the sum of the gradients'
         squared norms is finite and below a quarter of the square of every threshold the screen compares a
@@ -660,12 +670,7 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         bound = gradient_check.squared_norm_bound(grads)
         if bound is None:
             return None
-        # the last steps' eigenbasis fallbacks come back with the bound: no host read of their own
-        fallbacks = self._basis_fallbacks.take(bound.device)
-        read = bound.reshape(1) if fallbacks is None else torch.cat([bound.reshape(1), fallbacks])
-        values = read.cpu().tolist()  # the one host read
-        if fallbacks is not None:
-            report_fallbacks(values[1:])
+        values = self._read_with_fallbacks(bound.reshape(1)).tolist()
         _, smallest = self._limits_per_index(hypers)
         if not values[0] <= 0.25 * min(smallest * smallest, _GRAM_SAFE_SQUARED_NORM):
             return None
@@ -682,18 +687,11 @@ class SoapOptimizerBase(torch.optim.Optimizer):
         count = self._distribution.num_params(self.param_groups)
         squares = torch.zeros(count, dtype=torch.float64)
         if grads:
-            norms = gradient_check.squared_norms(grads)
-            # the last steps' eigenbasis fallbacks come back with the norms: no host read of their own
-            fallbacks = self._basis_fallbacks.take(norms.device)
-            if fallbacks is not None:
-                norms = torch.cat([norms, fallbacks])
-            norms = norms.cpu()  # the one host read
-            if fallbacks is not None:
-                report_fallbacks(norms[len(grads) :].tolist())
+            norms = self._read_with_fallbacks(gradient_check.squared_norms(grads))
             if len(indices) == count and indices == list(range(count)):  # one process, every gradient: in order
-                squares = norms[:count]
+                squares = norms
             else:
-                squares = squares.index_copy(0, torch.tensor(indices), norms[: len(grads)])
+                squares = squares.index_copy(0, torch.tensor(indices), norms)
         values = self._distribution.all_reduce_sum(squares).tolist()
         flagged = [index for index, value in enumerate(values) if not math.isfinite(value)]
         bad: Dict[int, bool] = {}
