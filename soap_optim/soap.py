@@ -32,6 +32,7 @@ from .eigenbasis.kl import (
 )
 from .buckets import bucket_pools, flat_state
 from .dispatch import get_ops, resolve_ops
+from .newton_schulz import multiply_adds, nesterov_ratio, orthogonalize, rms_scale
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
 from .optimizer import Screen, Slot, SoapOptimizerBase, advance_step_counts, new_step_count
 from .pending_writes import PendingWrites
@@ -176,6 +177,22 @@ class SOAP(SoapOptimizerBase):
             kernels' factor op is fed the whitened unfoldings), with ``one_sided`` (a single factor: its
             Gram matrix, scaled) and ``factorized``.
 
+        newton_schulz: the SOAP-basis + Newton-Schulz hybrid (``soap_optim.newton_schulz``). A merged
+            matrix with a preconditioned axis takes, instead of Adam's ratio, the approximate polar factor of
+            the ratio with Nesterov's look-ahead (Muon's five quintic Newton-Schulz iterations), scaled to
+            AdamW's update RMS as Muon's ``match_rms_adamw`` does:
+
+            .. math::
+                u = Q_L\, \mathrm{NS}_5\Big(\frac{\beta_1 m_t + (1-\beta_1)\tilde G}{\sqrt{v_t}+\epsilon}\Big)
+                    Q_R^\top, \qquad
+                \theta \leftarrow (1-\gamma\lambda)\big(\theta - 0.2\sqrt{\max(m, n)}\,\gamma\, u\big)
+
+            (no bias correction: the polar factor does not see scale). Since the polar factor commutes with
+            the rotation, this is Muon's orthogonalization of SOAP's direction. Factors, bases and moments
+            are SOAP's; other tensors keep SOAP's update. The orthogonalization makes a stale basis cheap:
+            a refresh every 10 steps did as well as every 2 (``benchmarks/README.md``, "SOAP + Newton-Schulz",
+            where it is measured against Muon). On every path; one more batched product chain per bucket.
+
     State per parameter: ``step`` (number of real updates; the first call only builds the
     preconditioner), ``exp_avg`` and ``exp_avg_sq`` (in the eigenbasis, in the merged layout),
     (``exp_avg_sq_row`` and ``exp_avg_sq_col`` instead of ``exp_avg_sq`` when factorized),
@@ -228,6 +245,7 @@ class SOAP(SoapOptimizerBase):
         rotation_precision: str = "fp32",
         refresh_tolerance: float = 0.0,
         factor_update: str = "gram",
+        newton_schulz: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -254,6 +272,7 @@ class SOAP(SoapOptimizerBase):
             rotation_precision=rotation_precision,
             refresh_tolerance=refresh_tolerance,
             factor_update=factor_update,
+            newton_schulz=newton_schulz,
         )
         super().__init__(params, defaults, process_group=process_group, shard_over_replicas=shard_over_replicas)
 
@@ -275,7 +294,7 @@ class SOAP(SoapOptimizerBase):
         check_positive_int("precondition_frequency", group["precondition_frequency"])
         check_non_negative("refresh_tolerance", group["refresh_tolerance"])
         check_plan_options(group)
-        for flag in ("normalize_grads", "correct_bias", "factorized"):
+        for flag in ("normalize_grads", "correct_bias", "factorized", "newton_schulz"):
             check_bool(flag, group[flag])
         if group.get("rotate_second_moment", False) is not False:  # a param group saved by an older version
             raise ValueError(
@@ -327,6 +346,8 @@ class SOAP(SoapOptimizerBase):
         cost = 3 * numel * sum(dims) + refresh + 10 * numel
         if hyper["factor_update"] == "kl":  # whitening by the other factors (the estimates: the refresh's F Q)
             cost += (len(dims) - 1) * numel * sum(dims)
+        if hyper["newton_schulz"] and len(plan.merged_shape) == 2 and dims:
+            cost += multiply_adds(plan.merged_shape)
         return cost
 
     # _max_grad_norm: the base's sqrt(max)/2. The rotation's partial sums are bounded by ||G||_F (orthonormal
@@ -512,9 +533,15 @@ def soap_update_(
     rotated = project(grad, bases)
     exp_avg = first_moment_ema_(state["exp_avg"].clone(), rotated, beta1)
     second = {key: state[key].clone() for key in _SECOND_MOMENTS if key in state}
-    denom = _second_moment_update_(second, rotated, beta2).sqrt().add_(group["eps"])
-    step_size = _step_size(group, step)
-    update = project_back(exp_avg / denom, bases)
+    estimate = _second_moment_update_(second, rotated, beta2)
+    if _orthogonalizes(group, plan):
+        # as the bucket path does it, on a batch of one (see soap_optim.newton_schulz)
+        ratio = nesterov_ratio(exp_avg, state["exp_avg"], estimate, beta1, group["eps"])
+        update = project_back(orthogonalize(ratio.unsqueeze(0))[0], bases)
+        step_size = lr * rms_scale(plan.merged_shape)
+    else:
+        step_size = _step_size(group, step)
+        update = project_back(exp_avg / estimate.sqrt().add_(group["eps"]), bases)
     if group["normalize_grads"]:
         update = update / (1e-30 + update.square().mean().sqrt())
     new_param = param.clone()
@@ -553,6 +580,12 @@ def next_steps(states: List[Dict[str, Any]], writes: PendingWrites) -> List[int]
     counters = [state["step"] for state in states]
     writes.update(advance_step_counts(counters))
     return [int(count) + 1 for count in torch.stack(counters).tolist()]
+
+
+def _orthogonalizes(group: Dict[str, Any], plan: Plan) -> bool:
+    """Whether a parameter takes the Newton-Schulz update: a merged matrix with a preconditioned axis, under
+    ``newton_schulz`` (other tensors keep SOAP's Adam update)."""
+    return group["newton_schulz"] and len(plan.merged_shape) == 2 and plan.is_preconditioned
 
 
 def _step_size(group: Dict[str, Any], step: int) -> float:
@@ -705,6 +738,8 @@ def soap_bucket_update_(
         q_left, q_right, outer_bases = None, stacked_bases[-1], stacked_bases[:-1]
     matrix = (batch, math.prod(shape[:-1]), shape[-1])  # the [B, rows, d_K] view the fused ops see
 
+    orthogonal = _orthogonalizes(group, items[0].plan)
+    previous_exp_avg = exp_avg.clone() if orthogonal and new_exp_avg is exp_avg else exp_avg
     rotated = grads if outer_bases is None else project(grads, outer_bases, batch_dims=1)
     direction = ops.rotate_adam_(
         rotated.reshape(matrix), q_left, q_right, new_exp_avg.view(matrix), new_exp_avg_sq.view(matrix),
@@ -712,7 +747,10 @@ def soap_bucket_update_(
     )
     if outer_bases is not None:
         direction = project_back(direction.view(batch, *shape), outer_bases, batch_dims=1).reshape(matrix)
-    if all(t == steps[0] for t in steps):
+    if orthogonal:  # a matrix: no outer axes (soap_optim.newton_schulz)
+        direction = orthogonalize(nesterov_ratio(new_exp_avg, previous_exp_avg, new_exp_avg_sq, beta1, group["eps"]))
+        step_size = float(group["lr"]) * rms_scale(shape)
+    elif all(t == steps[0] for t in steps):
         step_size = _step_size(group, steps[0])  # one float for the bucket (the usual case)
     else:
         step_size = torch.tensor([_step_size(group, t) for t in steps], dtype=grads.dtype, device=grads.device)

@@ -52,6 +52,9 @@ OPTIMIZERS = {
         params, lr=1e-2, precondition_frequency=3, normalize_grads=True, orthograd=True, **kw
     ),
     "soap-unpreconditioned-group": lambda params, **kw: _soap_with_unpreconditioned_group(params, **kw),
+    "soap-newton-schulz": lambda params, **kw: soap_optim.SOAP(
+        params, lr=1e-2, precondition_frequency=3, newton_schulz=True, **kw
+    ),
     "shampoo": lambda params, **kw: soap_optim.Shampoo(
         params, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2, **kw
     ),

@@ -158,6 +158,22 @@ for _name, _path in [("soap-kl", SOAP_PATHS["single"]), ("soap-kl-batched", {"fo
         )
     )
 
+# The SOAP-basis + Newton-Schulz update (soap_optim.newton_schulz) on both SOAP paths: the same contract
+for _name, _path in [("soap-newton-schulz", SOAP_PATHS["single"]),
+                     ("soap-newton-schulz-batched", {"foreach": True, "fused": False})]:
+    OPTIMIZERS.append(
+        OptimizerEntry(
+            name=_name,
+            factory=lambda params, **kw: SOAP(params, **kw),
+            # the update's RMS is 0.2 lr (Muon's match_rms_adamw), Adam's early ones near lr: a larger lr
+            hparams={**_SOAP_HPARAMS, **_path, "newton_schulz": True, "lr": 5e-2},
+            bad_cases=_SOAP_BAD_CASES + [("newton_schulz", "yes", "newton_schulz")],
+            warmup_steps=1,
+            float32_state_keys=("exp_avg", "exp_avg_sq", "factors", "bases"),
+            skip_reason=KERNELS_PROBLEM if _path.get("foreach") else None,
+        )
+    )
+
 _ADAM_BAD_CASES = [
     ("lr", -1e-3, "lr"),
     ("lr", float("nan"), "lr"),

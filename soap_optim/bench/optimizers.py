@@ -119,6 +119,11 @@ def _family_class(name: str, module: str) -> Tuple[Optional[type], Optional[str]
     return cls, None
 
 
+#: The soap-ns arm's refresh period: on the LM every 10 steps reached AdamW's loss in as many steps as every 2
+#: (benchmarks/README.md, "SOAP + Newton-Schulz").
+NEWTON_SCHULZ_FREQUENCY = 10
+
+
 def _precond(hyper: Hyper) -> Dict[str, Any]:
     return dict(precondition_frequency=hyper.precondition_frequency, max_precond_dim=hyper.max_precond_dim)
 
@@ -142,6 +147,14 @@ def ours() -> List[OptimizerSpec]:
             lambda h: dict(h.adam(), **_precond(h)), refresh, params_of=hidden_groups,
             notes=["soap_optim.hidden_groups(model): the embeddings and the last Linear get max_precond_dim=0 "
                    "(Adam in the standard basis, SOAP's betas), the split torch Muon's recipe makes"],
+        ),
+        OptimizerSpec(
+            "soap-ns", "SOAP + Newton-Schulz, embeddings and output layer on Adam", "soap_optim", soap_optim.SOAP,
+            lambda h: dict(h.adam(), **_precond(h), newton_schulz=True) | {"precondition_frequency": NEWTON_SCHULZ_FREQUENCY},
+            lambda hyper: NEWTON_SCHULZ_FREQUENCY, params_of=hidden_groups,
+            notes=["SOAP(newton_schulz=True) on soap_optim.hidden_groups(model): the hidden matrices take SOAP's "
+                   "Nesterov Adam ratio in the eigenbasis orthogonalized by Muon's Newton-Schulz iteration; basis "
+                   f"refreshed every {NEWTON_SCHULZ_FREQUENCY} steps (the orthogonalization makes a stale basis cheap)"],
         ),
         OptimizerSpec(
             "soap-one-sided", "SOAP one-sided", "soap_optim", soap_optim.SOAP,
