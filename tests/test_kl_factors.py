@@ -24,6 +24,8 @@ from soap_optim.eigenbasis.kl import (
 )
 from soap_optim.kernels import reference
 
+from fused_twins import assert_fused_equals_pytorch
+
 F64 = torch.float64
 
 
@@ -468,30 +470,7 @@ def test_state_stays_finite_with_huge_tiny_and_zero_gradients(cls):
 def test_fused_kernels_equal_pytorch_path(cls, options):
     """The KL statistics go through the fused factor kernel (fed the whitened unfoldings, one factor per call):
     the Triton kernels (interpreted on the CPU) against their PyTorch twins, parameters and every state tensor."""
-    import os
-
-    pytest.importorskip("triton", reason="triton is not installed: the fused path cannot run")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [(6, 5), (6, 5), (9, 3), (3, 2, 4)]
-
-    def run(fused):
-        g = torch.Generator().manual_seed(12)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
-        opt = cls(params, lr=1e-2, factor_update="kl", fused=fused, **options)
-        for _ in range(7):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g).to(device)
-            opt.step()
-        return params, opt
-
-    (fused_params, fused_opt), (plain_params, plain_opt) = run(True), run(False)
-    for pf, pp in zip(fused_params, plain_params):
-        torch.testing.assert_close(pf, pp, rtol=1e-5, atol=2e-5)
-        for key, value in fused_opt.state[pf].items():
-            other = plain_opt.state[pp][key]
-            pairs = zip(value, other) if isinstance(value, list) else [(value, other)]
-            for a, b in pairs:
-                if a is not None:
-                    torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-5, msg=key)
+    assert_fused_equals_pytorch(
+        lambda params, fused: cls(params, lr=1e-2, factor_update="kl", fused=fused, **options),
+        [(6, 5), (6, 5), (9, 3), (3, 2, 4)],
+    )
