@@ -32,8 +32,8 @@ from .eigenbasis.kl import (
 )
 from .buckets import bucket_pools, flat_state
 from .dispatch import get_ops, resolve_ops
-from .newton_schulz import multiply_adds, nesterov_ratio, orthogonalize, rms_scale
 from .moment_math import apply_update_, factored_second_moment, first_moment_ema_, update_factored_moments_
+from .newton_schulz import multiply_adds, nesterov_ratio, orthogonalize, rms_scale
 from .optimizer import Screen, Slot, SoapOptimizerBase, advance_step_counts, new_step_count
 from .pending_writes import PendingWrites
 from .validation import (
