@@ -79,6 +79,8 @@ CONFIGS = {
     "merged-1d": {"merge_dims": True, "precondition_1d": True, "max_precond_dim": 5},
     "tolerance-decay": {"refresh_tolerance": 0.05, "weight_decay": 0.1},
     "kl": {"factor_update": "kl"},
+    "newton-schulz": {"newton_schulz": True},
+    "newton-schulz-one-at-a-time": {"newton_schulz": True, "foreach": False},
 }
 
 
@@ -167,7 +169,7 @@ def test_out_of_memory_leaves_the_eigenvalues_entry_as_it_was(change, foreach):
     assert all(("eigenvalues" in state) == (change is _without_eigenvalues) for state in optimizer_snapshot(opt))
 
 
-@pytest.mark.parametrize("config", ["default", "one-at-a-time"])
+@pytest.mark.parametrize("config", ["default", "one-at-a-time", "newton-schulz"])
 def test_no_backup_copy_for_soaps_pytorch_paths(config, monkeypatch):
     """The base copies nothing before SOAP's math (it copied every stepped parameter and its whole state);
     parameters on one storage, stepped one after the other in place, still get the copy."""
@@ -184,7 +186,7 @@ def test_no_backup_copy_for_soaps_pytorch_paths(config, monkeypatch):
     assert max(n for _, n in copied) > 0
 
 
-@pytest.mark.parametrize("config", ["default", "one-at-a-time", "factorized", "kl"])
+@pytest.mark.parametrize("config", ["default", "one-at-a-time", "factorized", "kl", "newton-schulz"])
 def test_a_failed_refresh_keeps_its_bases_and_the_step_is_taken(config, monkeypatch):
     """An error inside a basis refresh (here while the first moment is carried to the new bases, after the
     QR) is reported by a warning; the step is taken, and every refresh unit keeps the bases and moments it
