@@ -69,6 +69,15 @@ def _stack_into_pool(states: Sequence[Dict[str, Any]], kind: Kind) -> torch.Tens
     return pool
 
 
+def _concatenate_into_flat(states: Sequence[Dict[str, Any]], kind: Kind) -> torch.Tensor:
+    """A new 1-D buffer holding the entries of ``states`` back to back; the entries become views of it."""
+    tensors = [_entry(state, kind) for state in states]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    for state, tensor, piece in zip(states, tensors, flat.split([t.numel() for t in tensors])):
+        _set_entry(state, kind, piece.view(tensor.shape))
+    return flat
+
+
 # Steps in a row with the same members taking part after which they get pools of their own (frozen layers:
 # the others are not coming back soon, and gathering the rows every step costs a copy in and out that a
 # pool of their own does not). Random participation (experts) almost never repeats a set this often.
@@ -168,18 +177,14 @@ def release_unused_rows(groups: Sequence[Sequence[Dict[str, Any]]], apart: Seque
         if not any(where in unused for _, _, where in members):
             continue
         # the whole class in one pool or flat buffer: its members then stay in one whichever take part
-        moved = [(state, kind) for state, kind, where in members if where not in kept]
-        tensors = [_entry(state, kind) for state, kind in moved]
+        kind = members[0][1]  # one kind per class
+        moved = [state for state, _, where in members if where not in kept]
         if len(moved) == 1:
-            _set_entry(*moved[0], tensors[0].clone(memory_format=torch.contiguous_format))
+            _set_entry(moved[0], kind, _entry(moved[0], kind).clone(memory_format=torch.contiguous_format))
         elif name[0] == "row":
-            pool = torch.stack(tensors).contiguous()
-            for (state, kind), row in zip(moved, pool.unbind(0)):
-                _set_entry(state, kind, row)
+            _stack_into_pool(moved, kind)
         else:
-            flat = torch.cat([t.reshape(-1) for t in tensors])
-            for (state, kind), piece in zip(moved, flat.split([t.numel() for t in tensors])):
-                _set_entry(state, kind, piece.view(_entry(state, kind).shape))
+            _concatenate_into_flat(moved, kind)
 
 
 def _flat_base(tensors: Sequence[torch.Tensor]) -> Optional[Tuple[torch.Tensor, bool]]:
@@ -220,9 +225,4 @@ def flat_state(states: Sequence[Dict[str, Any]], key: str) -> Tuple[torch.Tensor
         if whole:
             return base, None, False
         return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors]), tensors, False
-    base = torch.cat([t.reshape(-1) for t in tensors])
-    offset = 0
-    for state, tensor in zip(states, tensors):
-        state[key] = base[offset : offset + tensor.numel()].view(tensor.shape)
-        offset += tensor.numel()
-    return base, None, True
+    return _concatenate_into_flat(states, (key, None)), None, True

@@ -24,12 +24,9 @@ import torch.nn as nn
 def embedding_and_output_parameters(model: nn.Module) -> List[torch.Tensor]:
     """The parameters of every ``nn.Embedding``/``nn.EmbeddingBag`` and of the last ``nn.Linear`` (the
     output layer), each once (a weight tied between an embedding and the output layer included)."""
-    found: Dict[int, torch.Tensor] = {}
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     modules = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))] + linears[-1:]
-    for module in modules:
-        for param in module.parameters():
-            found.setdefault(id(param), param)
+    found = {id(param) for module in modules for param in module.parameters()}
     return [p for p in model.parameters() if id(p) in found]
 
 
