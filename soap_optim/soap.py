@@ -346,7 +346,7 @@ class SOAP(SoapOptimizerBase):
         cost = 3 * numel * sum(dims) + refresh + 10 * numel
         if hyper["factor_update"] == "kl":  # whitening by the other factors (the estimates: the refresh's F Q)
             cost += (len(dims) - 1) * numel * sum(dims)
-        if hyper["newton_schulz"] and len(plan.merged_shape) == 2 and dims:
+        if _orthogonalizes(hyper, plan):
             cost += multiply_adds(plan.merged_shape)
         return cost
 
